@@ -1,0 +1,1 @@
+"""PyTorch networks whose state_dict keys match the public checkpoints."""
