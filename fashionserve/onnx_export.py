@@ -1,0 +1,88 @@
+"""Export PyTorch modules to ONNX with a dynamic batch dimension and check them against PyTorch."""
+
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from torch import nn
+
+OPSET = 18
+
+
+class ExportError(Exception):
+    """An expected export failure (one line, shown to the user)."""
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """One named tensor of an exported model; `shape` excludes the batch dimension."""
+
+    name: str
+    dtype: str  # numpy dtype name: "uint8", "float32", ...
+    shape: tuple[int, ...]
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def export_onnx(
+    module: nn.Module,
+    example_inputs: tuple[torch.Tensor, ...],
+    path: Path,
+    input_names: list[str],
+    output_names: list[str],
+    max_batch: int,
+) -> None:
+    """Export `module` (eval mode) to `path` with the torch.export-based exporter, a dynamic batch
+    dimension 1..max_batch, opset OPSET, then run the ONNX checker. Writes `path` atomically."""
+    module.eval()  # the exporter restores the outer module's mode on its children: set it on the outermost
+    batch = torch.export.Dim("batch", min=1, max=max_batch)
+    dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+    tmp = path.with_suffix(".onnx.tmp")
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(
+            module,
+            example_inputs,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=input_names,
+            output_names=output_names,
+            dynamic_shapes=dynamic_shapes,
+            optimize=True,
+            verbose=False,
+        )
+    program.save(str(tmp), external_data=False)
+    onnx.checker.check_model(str(tmp), full_check=True)
+    tmp.replace(path)
+
+
+def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """Inputs and outputs of an ONNX file, each shape without its (dynamic) batch dimension."""
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def specs(args: list) -> list[TensorSpec]:
+        return [
+            TensorSpec(a.name, _ORT_TYPES[a.type], tuple(int(d) for d in a.shape[1:])) for a in args
+        ]
+
+    return specs(session.get_inputs()), specs(session.get_outputs())
+
+
+_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
+              "tensor(int64)": "int64"}  # fmt: skip
+
+
+def run_onnx(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:
+    """Run `session` on torch tensors fed in declared input order."""
+    feeds = {arg.name: t.numpy() for arg, t in zip(session.get_inputs(), inputs, strict=True)}
+    return session.run(None, feeds)
+
+
+def max_abs_error(reference: torch.Tensor, actual: np.ndarray) -> float:
+    """Largest absolute difference, computed in float64."""
+    return float(np.max(np.abs(reference.double().numpy() - actual.astype(np.float64)), initial=0.0))

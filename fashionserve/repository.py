@@ -1,0 +1,125 @@
+"""Render a Triton model repository from the tracked configs in `model_repository/` and a bundle.
+
+The tracked configs fix names, wiring, batching and instance groups (written for the `gpu` target at
+the public resolution); tensor shapes always come from the bundle's ONNX files. Two targets:
+
+- `gpu`: configs as tracked (TensorRT plans for heavy networks, ONNX Runtime for light steps).
+- `cpu`: every leaf becomes a python-backend model running the same ONNX file with ONNX Runtime
+  (`fashionserve.runner`); ensembles are identical.
+"""
+
+import shutil
+from pathlib import Path
+
+from google.protobuf import text_format
+from tritonclient.grpc import model_config_pb2 as mc
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+TRACKED_REPOSITORY = PROJECT_ROOT / "model_repository"
+TARGETS = ("cpu", "gpu")
+
+_DTYPES = {"uint8": mc.TYPE_UINT8, "float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
+_RUNNER_SHIM = "# Generated: serves ../model.onnx-style files with ONNX Runtime.\n" \
+    "from fashionserve.runner import TritonPythonModel  # noqa: F401\n"  # fmt: skip
+
+
+class RenderError(Exception):
+    """The bundle and the tracked configs do not fit together (one line)."""
+
+
+def read_config(path: Path) -> mc.ModelConfig:
+    """Parse a config.pbtxt."""
+    return text_format.Parse(path.read_text(), mc.ModelConfig())
+
+
+def write_config(config: mc.ModelConfig, path: Path) -> None:
+    path.write_text(text_format.MessageToString(config))
+
+
+def ensemble_steps(pipeline: str, source: Path = TRACKED_REPOSITORY) -> list[mc.ModelEnsembling.Step]:
+    """The steps of ensemble `pipeline`, in their tracked order."""
+    return list(read_config(source / pipeline / "config.pbtxt").ensemble_scheduling.step)
+
+
+def _set_tensors(tensors, specs: list[dict], model: str, kind: str) -> None:
+    by_name = {spec["name"]: spec for spec in specs}
+    declared = {t.name for t in tensors}
+    if declared != set(by_name):
+        raise RenderError(f"{model}: config {kind}s {sorted(declared)} differ from the ONNX {kind}s {sorted(by_name)}")
+    for tensor in tensors:
+        spec = by_name[tensor.name]
+        tensor.data_type = _DTYPES[spec["dtype"]]
+        tensor.ClearField("dims")
+        tensor.dims.extend(spec["shape"])
+
+
+def _to_cpu(config: mc.ModelConfig) -> None:
+    config.ClearField("platform")
+    config.backend = "python"
+    config.ClearField("instance_group")
+    config.instance_group.add(kind=mc.ModelInstanceGroup.KIND_CPU, count=1)
+    config.ClearField("model_warmup")
+    config.ClearField("optimization")
+
+
+def render_repository(
+    bundle_dir: Path, manifest: dict, dest: Path, target: str = "cpu", version: int = 1,
+    source: Path = TRACKED_REPOSITORY,
+) -> list[str]:  # fmt: skip
+    """Write the pipeline's ensemble and composing models into `dest` (which must not exist) with the
+    bundle's files in version `version`; returns the model names. Written to a temp dir, then renamed."""
+    if target not in TARGETS:
+        raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    if dest.exists():
+        raise RenderError(f"repository directory already exists: {dest}")
+    pipeline = manifest["pipeline"]
+    tmp = dest.with_name(dest.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        names = _render_into(bundle_dir, manifest, tmp, target, version, source, pipeline)
+        tmp.rename(dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return names
+
+
+def _render_into(
+    bundle_dir: Path, manifest: dict, dest: Path, target: str, version: int, source: Path, pipeline: str
+) -> list[str]:
+    ensemble = read_config(source / pipeline / "config.pbtxt")
+    max_batch = manifest["max_batch_size"]
+    tensors: dict[str, dict] = {}  # ensemble tensor name -> spec
+    for step in ensemble.ensemble_scheduling.step:
+        name = step.model_name
+        model = manifest["models"].get(name)
+        if model is None:
+            raise RenderError(f"bundle {bundle_dir} has no model '{name}' that ensemble '{pipeline}' needs")
+        config = read_config(source / name / "config.pbtxt")
+        _set_tensors(config.input, model["inputs"], name, "input")
+        _set_tensors(config.output, model["outputs"], name, "output")
+        config.max_batch_size = min(config.max_batch_size, max_batch)
+        version_dir = dest / name / str(version)
+        version_dir.mkdir(parents=True)
+        onnx_file = bundle_dir / model["file"]
+        if target == "cpu":
+            _to_cpu(config)
+            shutil.copyfile(onnx_file, version_dir / "model.onnx")
+            (version_dir / "model.py").write_text(_RUNNER_SHIM)
+        elif config.platform == "tensorrt_plan":
+            plan = onnx_file.with_name("model.plan")
+            if not plan.is_file():
+                raise RenderError(f"{name}: no TensorRT plan {plan}; build it first on the GPU host")
+            shutil.copyfile(plan, version_dir / "model.plan")
+        else:
+            shutil.copyfile(onnx_file, version_dir / "model.onnx")
+        write_config(config, dest / name / "config.pbtxt")
+        specs = {s["name"]: s for s in model["inputs"] + model["outputs"]}
+        for key, value in [*step.input_map.items(), *step.output_map.items()]:
+            tensors[value] = specs[key]
+    _set_tensors(ensemble.input, [{**tensors[t.name], "name": t.name} for t in ensemble.input], pipeline, "input")
+    _set_tensors(ensemble.output, [{**tensors[t.name], "name": t.name} for t in ensemble.output], pipeline, "output")
+    ensemble.max_batch_size = min([ensemble.max_batch_size, max_batch])
+    (dest / pipeline / "1").mkdir(parents=True)
+    write_config(ensemble, dest / pipeline / "config.pbtxt")
+    return [pipeline, *(step.model_name for step in ensemble.ensemble_scheduling.step)]
