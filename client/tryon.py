@@ -28,12 +28,19 @@ IMAGE_INPUTS = ("cloth", "agnostic", "densepose")  # resized bilinear; the other
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--dataroot", type=Path, required=True, help="folder in VITON-HD layout")
     parser.add_argument("--split", default="test", help="sub-folder of DATAROOT (default test)")
     parser.add_argument("--pairs", type=Path, help="pairs file (default DATAROOT/<split>_pairs.txt)")
-    parser.add_argument("--pair", nargs=2, action="append", metavar=("PERSON", "CLOTH"),
-                        help="a pair by file names, e.g. 00001_00.jpg 00002_00.jpg (repeatable; overrides --pairs)")
+    parser.add_argument(
+        "--pair",
+        nargs=2,
+        action="append",
+        metavar=("PERSON", "CLOTH"),
+        help="a pair by file names, e.g. 00001_00.jpg 00002_00.jpg (repeatable; overrides --pairs)",
+    )
     parser.add_argument("--url", help="Triton address (default 127.0.0.1:8001 for grpc, :8000 for http)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
     parser.add_argument("--model", default="tryon", help="ensemble name (default tryon)")

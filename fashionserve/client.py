@@ -38,7 +38,9 @@ class TritonModelClient:
             if protocol == "grpc":
                 self._client = grpcclient.InferenceServerClient(url)
             else:
-                self._client = httpclient.InferenceServerClient(url, connection_timeout=10.0, network_timeout=timeout)
+                self._client = httpclient.InferenceServerClient(
+                    url, connection_timeout=10.0, network_timeout=timeout
+                )
             live = self._client.is_server_live()
         except Exception as exc:  # tritonclient raises several types for a refused connection
             raise ClientError(f"cannot reach Triton at {url} over {protocol}: {_reason(exc)}") from None
@@ -55,13 +57,15 @@ class TritonModelClient:
         config = config.get("config", config)
         self.max_batch_size = int(config.get("max_batch_size", 0))
         self.inputs = [
-            InputSpec(i["name"], np.dtype(triton_to_np_dtype(i["datatype"])), tuple(int(d) for d in i["shape"][1:]))
+            InputSpec(
+                i["name"], np.dtype(triton_to_np_dtype(i["datatype"])), tuple(int(d) for d in i["shape"][1:])
+            )
             for i in metadata["inputs"]
         ]
         self.outputs = [o["name"] for o in metadata["outputs"]]
 
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
-        """Check names, dtypes and shapes (batch first) against the model; raise ClientError naming the tensor."""
+        """Check names, dtypes and shapes (batch first); raise ClientError naming the offending tensor."""
         expected = {spec.name for spec in self.inputs}
         if set(inputs) != expected:
             raise ClientError(f"model '{self.model}' takes inputs {sorted(expected)}, got {sorted(inputs)}")
@@ -71,14 +75,18 @@ class TritonModelClient:
             if array.dtype != spec.dtype:
                 raise ClientError(f"input '{spec.name}': expected dtype {spec.dtype}, got {array.dtype}")
             shape = array.shape[1:]
-            if len(shape) != len(spec.shape) or any(e not in (-1, g) for e, g in zip(spec.shape, shape)):
+            if len(shape) != len(spec.shape) or any(
+                e not in (-1, g) for e, g in zip(spec.shape, shape, strict=True)
+            ):
                 raise ClientError(
                     f"input '{spec.name}': expected shape [batch, {', '.join(map(str, spec.shape))}], "
                     f"got {list(array.shape)}"
                 )
             batch = batch if batch is not None else array.shape[0]
             if array.shape[0] != batch:
-                raise ClientError(f"input '{spec.name}': batch {array.shape[0]} differs from the others ({batch})")
+                raise ClientError(
+                    f"input '{spec.name}': batch {array.shape[0]} differs from the others ({batch})"
+                )
         if self.max_batch_size and batch is not None and not 1 <= batch <= self.max_batch_size:
             raise ClientError(f"batch {batch} is outside 1..{self.max_batch_size} for model '{self.model}'")
 
@@ -93,7 +101,9 @@ class TritonModelClient:
         requested = [self._module.InferRequestedOutput(name) for name in self.outputs]
         try:
             if self.protocol == "grpc":
-                result = self._client.infer(self.model, tensors, outputs=requested, client_timeout=self.timeout)
+                result = self._client.infer(
+                    self.model, tensors, outputs=requested, client_timeout=self.timeout
+                )
             else:
                 result = self._client.infer(self.model, tensors, outputs=requested)
         except InferenceServerException as exc:

@@ -1,5 +1,6 @@
 """Export PyTorch modules to ONNX with a dynamic batch dimension and check them against PyTorch."""
 
+import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ def export_onnx(
 ) -> None:
     """Export `module` (eval mode) to `path` with the torch.export-based exporter, a dynamic batch
     dimension 1..max_batch, opset OPSET, then run the ONNX checker. Writes `path` atomically."""
+    logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
     module.eval()  # the exporter restores the outer module's mode on its children: set it on the outermost
     batch = torch.export.Dim("batch", min=1, max=max_batch)
     dynamic_shapes = tuple({0: batch} for _ in example_inputs)
@@ -66,15 +68,17 @@ def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def specs(args: list) -> list[TensorSpec]:
-        return [
-            TensorSpec(a.name, _ORT_TYPES[a.type], tuple(int(d) for d in a.shape[1:])) for a in args
-        ]
+        return [TensorSpec(a.name, _ORT_TYPES[a.type], tuple(int(d) for d in a.shape[1:])) for a in args]
 
     return specs(session.get_inputs()), specs(session.get_outputs())
 
 
-_ORT_TYPES = {"tensor(uint8)": "uint8", "tensor(float)": "float32", "tensor(float16)": "float16",
-              "tensor(int64)": "int64"}  # fmt: skip
+_ORT_TYPES = {
+    "tensor(uint8)": "uint8",
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+}
 
 
 def run_onnx(session: ort.InferenceSession, inputs: tuple[torch.Tensor, ...]) -> list[np.ndarray]:

@@ -19,8 +19,10 @@ TRACKED_REPOSITORY = PROJECT_ROOT / "model_repository"
 TARGETS = ("cpu", "gpu")
 
 _DTYPES = {"uint8": mc.TYPE_UINT8, "float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
-_RUNNER_SHIM = "# Generated: serves ../model.onnx-style files with ONNX Runtime.\n" \
-    "from fashionserve.runner import TritonPythonModel  # noqa: F401\n"  # fmt: skip
+_RUNNER_SHIM = (
+    "# Generated: serves ../model.onnx-style files with ONNX Runtime.\n"
+    "from fashionserve.runner import TritonPythonModel  # noqa: F401\n"
+)
 
 
 class RenderError(Exception):
@@ -45,7 +47,9 @@ def _set_tensors(tensors, specs: list[dict], model: str, kind: str) -> None:
     by_name = {spec["name"]: spec for spec in specs}
     declared = {t.name for t in tensors}
     if declared != set(by_name):
-        raise RenderError(f"{model}: config {kind}s {sorted(declared)} differ from the ONNX {kind}s {sorted(by_name)}")
+        raise RenderError(
+            f"{model}: config {kind}s {sorted(declared)} differ from the ONNX {kind}s {sorted(by_name)}"
+        )
     for tensor in tensors:
         spec = by_name[tensor.name]
         tensor.data_type = _DTYPES[spec["dtype"]]
@@ -63,9 +67,13 @@ def _to_cpu(config: mc.ModelConfig) -> None:
 
 
 def render_repository(
-    bundle_dir: Path, manifest: dict, dest: Path, target: str = "cpu", version: int = 1,
+    bundle_dir: Path,
+    manifest: dict,
+    dest: Path,
+    target: str = "cpu",
+    version: int = 1,
     source: Path = TRACKED_REPOSITORY,
-) -> list[str]:  # fmt: skip
+) -> list[str]:
     """Write the pipeline's ensemble and composing models into `dest` (which must not exist) with the
     bundle's files in version `version`; returns the model names. Written to a temp dir, then renamed."""
     if target not in TARGETS:
@@ -117,8 +125,12 @@ def _render_into(
         specs = {s["name"]: s for s in model["inputs"] + model["outputs"]}
         for key, value in [*step.input_map.items(), *step.output_map.items()]:
             tensors[value] = specs[key]
-    _set_tensors(ensemble.input, [{**tensors[t.name], "name": t.name} for t in ensemble.input], pipeline, "input")
-    _set_tensors(ensemble.output, [{**tensors[t.name], "name": t.name} for t in ensemble.output], pipeline, "output")
+    _set_tensors(
+        ensemble.input, [{**tensors[t.name], "name": t.name} for t in ensemble.input], pipeline, "input"
+    )
+    _set_tensors(
+        ensemble.output, [{**tensors[t.name], "name": t.name} for t in ensemble.output], pipeline, "output"
+    )
     ensemble.max_batch_size = min([ensemble.max_batch_size, max_batch])
     (dest / pipeline / "1").mkdir(parents=True)
     write_config(ensemble, dest / pipeline / "config.pbtxt")

@@ -29,7 +29,9 @@ class TritonPythonModel:
         self.input_names = [i.name for i in self.session.get_inputs()]
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_values = {
-            key.split(":", 1)[1]: int(value) for key, value in parameters.items() if key.startswith("max_value:")
+            key.split(":", 1)[1]: int(value)
+            for key, value in parameters.items()
+            if key.startswith("max_value:")
         }
 
     def _check(self, inputs: dict[str, np.ndarray]) -> str | None:
@@ -43,7 +45,9 @@ class TritonPythonModel:
         responses: list = [None] * len(requests)
         batch: list[tuple[int, dict[str, np.ndarray]]] = []
         for index, request in enumerate(requests):
-            inputs = {name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names}
+            inputs = {
+                name: pb_utils.get_input_tensor_by_name(request, name).as_numpy() for name in self.input_names
+            }
             error = self._check(inputs)
             if error:
                 responses[index] = pb_utils.InferenceResponse(error=pb_utils.TritonError(error))
@@ -61,7 +65,10 @@ class TritonPythonModel:
             start = 0
             for index, inputs in batch:
                 size = len(inputs[self.input_names[0]])
-                tensors = [pb_utils.Tensor(n, o[start : start + size]) for n, o in zip(self.output_names, outputs)]
+                tensors = [
+                    pb_utils.Tensor(n, o[start : start + size])
+                    for n, o in zip(self.output_names, outputs, strict=True)
+                ]
                 responses[index] = pb_utils.InferenceResponse(output_tensors=tensors)
                 start += size
         return responses

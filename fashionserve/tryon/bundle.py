@@ -12,8 +12,8 @@ import onnxruntime as ort
 import torch
 
 from fashionserve.checkpoints import load_strict, read_state_dict, sha256_file
-from fashionserve.repository import ensemble_steps
 from fashionserve.onnx_export import OPSET, ExportError, export_onnx, max_abs_error, run_onnx, tensor_specs
+from fashionserve.repository import ensemble_steps
 from fashionserve.tryon.stages import TryonConfig, TryonPipeline, build_networks
 
 RANDOM_INIT = "random-init"
@@ -35,14 +35,28 @@ STAGES: tuple[Stage, ...] = (
     Stage(
         "tryon_preprocess",
         ("cloth", "cloth_mask", "agnostic", "densepose", "parse_agnostic"),
-        ("cloth_normalized", "cloth_mask_binary", "agnostic_normalized", "densepose_normalized",
-         "cloth_input", "pose_input"),
+        (
+            "cloth_normalized",
+            "cloth_mask_binary",
+            "agnostic_normalized",
+            "densepose_normalized",
+            "cloth_input",
+            "pose_input",
+        ),
         1e-5,
-    ),  # fmt: skip
-    Stage("tryon_condition_generator", ("cloth_input", "pose_input"),
-          ("flow", "segmentation", "warped_cloth_mask"), 2e-3),  # fmt: skip
-    Stage("tryon_warp", ("flow", "segmentation", "warped_cloth_mask", "cloth", "cloth_mask"),
-          ("parse", "warped_cloth"), 1e-3),  # fmt: skip
+    ),
+    Stage(
+        "tryon_condition_generator",
+        ("cloth_input", "pose_input"),
+        ("flow", "segmentation", "warped_cloth_mask"),
+        2e-3,
+    ),
+    Stage(
+        "tryon_warp",
+        ("flow", "segmentation", "warped_cloth_mask", "cloth", "cloth_mask"),
+        ("parse", "warped_cloth"),
+        1e-3,
+    ),
     Stage("tryon_image_generator", ("agnostic", "densepose", "warped_cloth", "parse"), ("image",), 5e-3),
     Stage("tryon_postprocess", ("image",), ("tryon_image",), 1.0),
 )
@@ -74,7 +88,9 @@ def stage_inputs(pipeline: TryonPipeline, client_inputs: tuple[torch.Tensor, ...
             outputs = pipeline.stages[stage.name](*args)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
             recorded[stage.name] = (args, outputs)
-            values.update({step.output_map[name]: value for name, value in zip(stage.outputs, outputs, strict=True)})
+            values.update(
+                {step.output_map[name]: value for name, value in zip(stage.outputs, outputs, strict=True)}
+            )
     return recorded
 
 
@@ -151,8 +167,14 @@ def _export_into(
         model_dir.mkdir()
         path = model_dir / "model.onnx"
         example_args = runs[-1][stage.name][0]
-        export_onnx(pipeline.stages[stage.name], example_args, path, list(stage.inputs), list(stage.outputs),
-                    max_batch)  # fmt: skip
+        export_onnx(
+            pipeline.stages[stage.name],
+            example_args,
+            path,
+            list(stage.inputs),
+            list(stage.outputs),
+            max_batch,
+        )
         session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         errors: dict[str, float] = {}
         for run in runs:

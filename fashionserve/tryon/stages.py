@@ -93,7 +93,9 @@ class TryonPreprocess(nn.Module):
     def __init__(self, config: TryonConfig):
         super().__init__()
         self.condition_size = (config.condition_height, config.condition_width)
-        self.register_buffer("cihp_labels", torch.arange(NUM_CIHP_LABELS, dtype=torch.uint8).view(1, -1, 1, 1))
+        self.register_buffer(
+            "cihp_labels", torch.arange(NUM_CIHP_LABELS, dtype=torch.uint8).view(1, -1, 1, 1)
+        )
         # 20 CIHP labels -> 13 parse channels, as a 1x1 convolution weight.
         merge = torch.tensor(merge_matrix(PARSE_13, NUM_CIHP_LABELS))
         self.register_buffer("merge_20_to_13", merge.view(len(PARSE_13), NUM_CIHP_LABELS, 1, 1))
@@ -139,7 +141,8 @@ class TryonWarp(nn.Module):
         flow_height, flow_width = config.condition_height // 2, config.condition_width // 2
         # Flow is in pixels of the flow grid; the official code divides by (size - 1) / 2 (47.5, 63.5).
         self.register_buffer(
-            "flow_scale", torch.tensor([2.0 / (flow_width - 1.0), 2.0 / (flow_height - 1.0)], dtype=torch.float32)
+            "flow_scale",
+            torch.tensor([2.0 / (flow_width - 1.0), 2.0 / (flow_height - 1.0)], dtype=torch.float32),
         )
         self.register_buffer("grid", _identity_grid(config.height, config.width))
         taps = _gaussian_taps(BLUR_KERNEL_SIZE, BLUR_SIGMA)
@@ -175,7 +178,9 @@ class TryonWarp(nn.Module):
         flow = F.interpolate(flow.permute(0, 3, 1, 2), size=self.size, mode="bilinear").permute(0, 2, 3, 1)
         grid = self.grid + flow * self.flow_scale
         warped_cloth = F.grid_sample(cloth, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        warped_mask = F.grid_sample(cloth_mask, grid, mode="bilinear", padding_mode="border", align_corners=False)
+        warped_mask = F.grid_sample(
+            cloth_mask, grid, mode="bilinear", padding_mode="border", align_corners=False
+        )
         if self.occlusion:
             probabilities = torch.softmax(segmentation, dim=1)
             occluded = (probabilities * self.occluders).sum(dim=1, keepdim=True)

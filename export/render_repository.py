@@ -1,0 +1,42 @@
+"""Render a Triton model repository from a bundle and the tracked configs in model_repository/.
+
+  --target cpu  every leaf is a python-backend model running its ONNX file with ONNX Runtime
+                (the embedded default)
+  --target gpu  configs as tracked: TensorRT plans for the heavy networks, ONNX Runtime for light steps
+
+Example:
+  python export/render_repository.py work/bundles/tryon-demo --target cpu --out work/model_repository
+"""
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from fashionserve.cli import run  # noqa: E402
+from fashionserve.onnx_export import ExportError  # noqa: E402
+from fashionserve.repository import TARGETS, RenderError, render_repository  # noqa: E402
+from fashionserve.tryon.bundle import read_manifest  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("bundle", type=Path, help="bundle directory written by export/tryon.py")
+    parser.add_argument("--target", choices=TARGETS, default="cpu", help="cpu (default) or gpu")
+    parser.add_argument(
+        "--out", type=Path, required=True, help="repository directory to create (must not exist)"
+    )
+    parser.add_argument(
+        "--version", type=int, default=1, help="Triton version number of the models (default 1)"
+    )
+    args = parser.parse_args()
+    manifest = read_manifest(args.bundle)
+    names = render_repository(args.bundle, manifest, args.out, target=args.target, version=args.version)
+    print(f"rendered {args.target} repository {args.out}: {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    run(main, expected=(RenderError, ExportError))

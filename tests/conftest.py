@@ -1,0 +1,69 @@
+"""Shared fixtures: a small try-on configuration, its sample set, exported bundle and a running Triton."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fashionserve.launcher import TritonServer
+from fashionserve.repository import render_repository
+from fashionserve.tryon.bundle import export_bundle, load_networks
+from fashionserve.tryon.samples import write_sample_set
+from fashionserve.tryon.stages import TryonConfig
+
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+
+# Small enough for a 2-core CI machine; same code paths as the public 1024x768 configuration.
+TEST_CONFIG = TryonConfig(
+    height=256,
+    width=192,
+    condition_height=128,
+    condition_width=96,
+    condition_ngf=8,
+    image_ngf=8,
+    spade_hidden=16,
+)
+TEST_SEED = 0
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run one of the project's CLI scripts (path relative to the project root) as a user would."""
+    return subprocess.run(
+        [sys.executable, *args],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.fixture(scope="session")
+def samples_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("samples")
+    write_sample_set(root, height=TEST_CONFIG.height, width=TEST_CONFIG.width)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tryon_pipeline():
+    pipeline, provenance = load_networks(TEST_CONFIG, None, None, seed=TEST_SEED)
+    return pipeline, provenance
+
+
+@pytest.fixture(scope="session")
+def tryon_bundle(tmp_path_factory: pytest.TempPathFactory, tryon_pipeline) -> tuple[Path, dict]:
+    pipeline, provenance = tryon_pipeline
+    bundle = tmp_path_factory.mktemp("bundles") / "tryon"
+    manifest = export_bundle(pipeline, TEST_CONFIG, provenance, bundle, log=lambda _: None)
+    return bundle, manifest
+
+
+@pytest.fixture(scope="session")
+def tryon_server(tmp_path_factory: pytest.TempPathFactory, tryon_bundle):
+    bundle, manifest = tryon_bundle
+    repository = tmp_path_factory.mktemp("triton") / "repository"
+    render_repository(bundle, manifest, repository, target="cpu")
+    with TritonServer(repository=repository) as server:
+        yield server
