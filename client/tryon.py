@@ -1,18 +1,24 @@
 """Virtual try-on through Triton: send person/garment pairs to the `tryon` ensemble, write PNGs.
 
-Inputs come from a folder in VITON-HD layout (`DATAROOT/test/image`, `cloth`, `cloth-mask`,
+Inputs come either from a folder in VITON-HD layout (`DATAROOT/test/image`, `cloth`, `cloth-mask`,
 `image-parse-v3`, `image-parse-agnostic-v3.2`, `openpose_json`, `image-densepose`) with a pairs file
-or --pair names. The agnostic person image is drawn here, as the official loader does, from the person
-image, its parse map and its BODY_25 keypoints. Inputs are checked against the served model (size,
-dtype, label range) before anything is sent; --resize scales them to the model's resolution instead.
+or --pair names, or from explicit files (--person-image ... --cloth-mask) for one pair. The agnostic
+person image is drawn here, as the official loader does, from the person image, its parse map and its
+BODY_25 keypoints, unless ready agnostic images are given (--agnostic-dir, or --agnostic).
+Inputs are checked against the served model (size, dtype, batch, label range) before anything is
+sent; --resize scales them to the model's resolution instead of refusing them.
 
 Examples:
   python client/tryon.py --dataroot work/samples --out work/results
   python client/tryon.py --dataroot DATA --pair 00006_00.jpg 01430_00.jpg --protocol http --url 127.0.0.1:8000
+  python client/tryon.py --person-image p.jpg --parse p.png --keypoints p_keypoints.json --densepose d.jpg \
+      --parse-agnostic pa.png --cloth c.jpg --cloth-mask cm.jpg --out work/results
 """
 
 import argparse
+import itertools
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,24 +28,46 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
-from fashionserve.tryon.dataset import DatasetError, load_tryon_inputs, read_pairs  # noqa: E402
+from fashionserve.tryon.dataset import DatasetError, load_tryon_files, load_tryon_inputs, read_pairs  # noqa: E402
 
 IMAGE_INPUTS = ("cloth", "agnostic", "densepose")  # resized bilinear; the others are masks/labels (nearest)
+# option -> the dataset file key it fills
+EXPLICIT_FILES = {
+    "person-image": "person image",
+    "parse": "parse map",
+    "keypoints": "pose keypoints",
+    "densepose": "densepose image",
+    "parse-agnostic": "parse-agnostic map",
+    "cloth": "cloth image",
+    "cloth-mask": "cloth mask",
+}
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--dataroot", type=Path, required=True, help="folder in VITON-HD layout")
-    parser.add_argument("--split", default="test", help="sub-folder of DATAROOT (default test)")
-    parser.add_argument("--pairs", type=Path, help="pairs file (default DATAROOT/<split>_pairs.txt)")
-    parser.add_argument(
+    folder = parser.add_argument_group("inputs from a VITON-HD-layout folder")
+    folder.add_argument("--dataroot", type=Path, help="folder in VITON-HD layout")
+    folder.add_argument("--split", default="test", help="sub-folder of DATAROOT (default test)")
+    folder.add_argument("--pairs", type=Path, help="pairs file (default DATAROOT/<split>_pairs.txt)")
+    folder.add_argument(
         "--pair",
         nargs=2,
         action="append",
         metavar=("PERSON", "CLOTH"),
         help="a pair by file names, e.g. 00001_00.jpg 00002_00.jpg (repeatable; overrides --pairs)",
+    )
+    folder.add_argument(
+        "--agnostic-dir",
+        type=Path,
+        help="ready agnostic images named like the person images (e.g. DATAROOT/test/agnostic-v3.2)",
+    )
+    files = parser.add_argument_group("inputs from explicit files (one pair)")
+    for option, what in EXPLICIT_FILES.items():
+        files.add_argument(f"--{option}", type=Path, metavar="PATH", help=what)
+    files.add_argument(
+        "--agnostic", type=Path, metavar="PATH", help="a ready agnostic person image (optional)"
     )
     parser.add_argument("--url", help="Triton address (default 127.0.0.1:8001 for grpc, :8000 for http)")
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
@@ -47,7 +75,36 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="pairs per request (default 1)")
     parser.add_argument("--resize", action="store_true", help="resize inputs to the model's resolution")
     parser.add_argument("--out", type=Path, required=True, help="folder for <person>_<cloth>.png results")
-    return parser.parse_args()
+    args = parser.parse_args()
+    explicit = {key: getattr(args, option.replace("-", "_")) for option, key in EXPLICIT_FILES.items()}
+    if args.dataroot is None and not any(explicit.values()):
+        parser.error("give --dataroot, or the explicit files --person-image ... --cloth-mask")
+    if args.dataroot is not None and any(explicit.values()):
+        parser.error("--dataroot and explicit files exclude each other")
+    if args.dataroot is None:
+        optional = ("parse map", "pose keypoints") if args.agnostic else ()
+        missing = [f"--{o}" for o, key in EXPLICIT_FILES.items() if not explicit[key] and key not in optional]
+        if missing:
+            parser.error(f"explicit files missing: {', '.join(missing)}")
+    args.files = explicit
+    return args
+
+
+def iter_samples(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, np.ndarray]]]:
+    """(output name, inputs) for every pair asked for, loaded one at a time."""
+    if args.dataroot is None:
+        yield (
+            f"{args.files['person image'].stem}_{args.files['cloth image'].stem}",
+            load_tryon_files(args.files, agnostic=args.agnostic),
+        )
+        return
+    pairs = args.pair or read_pairs(args.pairs or args.dataroot / f"{args.split}_pairs.txt")
+    if not pairs:
+        raise UserError("no pairs to run")
+    for person, cloth in pairs:
+        agnostic = None if args.agnostic_dir is None else args.agnostic_dir / person
+        name = f"{Path(person).stem}_{Path(cloth).stem}"
+        yield name, load_tryon_inputs(args.dataroot, person, cloth, args.split, agnostic)
 
 
 def _resize(name: str, array: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -61,24 +118,17 @@ def main() -> None:
     args = parse_args()
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
-    pairs = args.pair or read_pairs(args.pairs or args.dataroot / f"{args.split}_pairs.txt")
-    if not pairs:
-        raise UserError("no pairs to run")
+    samples = iter_samples(args)
     client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
     height, width = next(s.shape[:2] for s in client.inputs if s.name == "cloth")
     args.out.mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(pairs), args.batch):
-        chunk = pairs[start : start + args.batch]
-        samples = []
-        for person, cloth in chunk:
-            sample = load_tryon_inputs(args.dataroot, person, cloth, split=args.split)
-            if args.resize:
-                sample = {name: _resize(name, array, height, width) for name, array in sample.items()}
-            samples.append(sample)
-        batch = {name: np.stack([s[name] for s in samples]) for name in samples[0]}
+    while chunk := list(itertools.islice(samples, args.batch)):
+        if args.resize:
+            chunk = [(n, {k: _resize(k, a, height, width) for k, a in s.items()}) for n, s in chunk]
+        batch = {name: np.stack([s[name] for _, s in chunk]) for name in chunk[0][1]}
         outputs = client.infer(batch)
-        for (person, cloth), image in zip(chunk, outputs["tryon_image"], strict=True):
-            path = args.out / f"{Path(person).stem}_{Path(cloth).stem}.png"
+        for (name, _), image in zip(chunk, outputs["tryon_image"], strict=True):
+            path = args.out / f"{name}.png"
             tmp = path.with_suffix(".tmp.png")
             Image.fromarray(image).save(tmp)
             tmp.replace(path)  # never leave a half-written PNG behind

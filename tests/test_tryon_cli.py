@@ -183,3 +183,40 @@ def test_client_errors_are_one_line(tmp_path, tryon_server, samples_dir):
         str(tmp_path),
     )
     assert_one_line_error(result, "nope")
+
+
+def test_client_explicit_files_equal_the_folder_mode(tmp_path, tryon_server, samples_dir):
+    test = samples_dir / "test"
+    common = [
+        "--url", tryon_server.grpc_url,
+        "--person-image", str(test / "image" / "00001_00.jpg"),
+        "--densepose", str(test / "image-densepose" / "00001_00.jpg"),
+        "--parse-agnostic", str(test / "image-parse-agnostic-v3.2" / "00001_00.png"),
+        "--cloth", str(test / "cloth" / "00002_00.jpg"),
+        "--cloth-mask", str(test / "cloth-mask" / "00002_00.jpg"),
+    ]  # fmt: skip
+    pose = [
+        "--parse", str(test / "image-parse-v3" / "00001_00.png"),
+        "--keypoints", str(test / "openpose_json" / "00001_00_keypoints.json"),
+    ]  # fmt: skip
+    drawn = run_cli("client/tryon.py", *common, *pose, "--out", str(tmp_path / "a"))
+    assert drawn.returncode == 0, drawn.stderr
+    folder = run_cli("client/tryon.py", "--dataroot", str(samples_dir), "--url", tryon_server.grpc_url,
+                     "--pair", "00001_00.jpg", "00002_00.jpg", "--out", str(tmp_path / "b"))  # fmt: skip
+    assert folder.returncode == 0, folder.stderr
+    name = "00001_00_00002_00.png"
+    assert np.array_equal(
+        np.asarray(Image.open(tmp_path / "a" / name)), np.asarray(Image.open(tmp_path / "b" / name))
+    )
+
+    # a ready agnostic image replaces the parse map and keypoints
+    agnostic = tmp_path / "agnostic.png"
+    Image.new("RGB", (192, 256), (128, 128, 128)).save(agnostic)
+    ready = run_cli("client/tryon.py", *common, "--agnostic", str(agnostic), "--out", str(tmp_path / "c"))
+    assert ready.returncode == 0, ready.stderr
+    assert not np.array_equal(
+        np.asarray(Image.open(tmp_path / "c" / name)), np.asarray(Image.open(tmp_path / "a" / name))
+    )
+
+    incomplete = run_cli("client/tryon.py", *common, "--out", str(tmp_path / "d"))
+    assert incomplete.returncode == 2 and "explicit files missing: --parse, --keypoints" in incomplete.stderr

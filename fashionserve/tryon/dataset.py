@@ -116,27 +116,30 @@ def _keypoints(path: Path) -> np.ndarray:
 def load_tryon_inputs(
     dataroot: Path, person: str, cloth: str, split: str = "test", agnostic: Path | None = None
 ) -> dict[str, np.ndarray]:
-    """The try-on server's inputs for one pair, all uint8 at the person image's size (H, W).
+    """The try-on server's inputs for one pair of a VITON-HD-layout folder (see load_tryon_files)."""
+    split_dir = dataroot / split
+    return load_tryon_files({**person_files(split_dir, person), **cloth_files(split_dir, cloth)}, agnostic)
 
+
+def load_tryon_files(files: dict[str, Path], agnostic: Path | None = None) -> dict[str, np.ndarray]:
+    """The try-on server's inputs from explicit files, all uint8 at the person image's size (H, W).
+
+    `files` has the keys of person_files and cloth_files (the pose image is not needed).
     Returns cloth (H,W,3), cloth_mask (H,W) raw mask values, agnostic (H,W,3) (drawn from image,
     parse map and keypoints unless a ready agnostic image is given), densepose (H,W,3) and
     parse_agnostic (H,W) CIHP labels. Files are not resized: sizes must already agree.
     """
-    split_dir = dataroot / split
-    p_files = person_files(split_dir, person)
-    c_files = cloth_files(split_dir, cloth)
-
-    image = np.array(_open("person image", p_files["person image"]).convert("RGB"))
+    image = np.array(_open("person image", files["person image"]).convert("RGB"))
     size = image.shape[:2]
     if agnostic is None:
-        parse = _labels("parse map", p_files["parse map"], size)
-        agnostic_image = agnostic_person_image(image, parse, _keypoints(p_files["pose keypoints"]))
+        parse = _labels("parse map", files["parse map"], size)
+        agnostic_image = agnostic_person_image(image, parse, _keypoints(files["pose keypoints"]))
     else:
         agnostic_image = _pixels("agnostic image", agnostic, "RGB", size)
     return {
-        "cloth": _pixels("cloth image", c_files["cloth image"], "RGB", size),
-        "cloth_mask": _pixels("cloth mask", c_files["cloth mask"], "L", size),
+        "cloth": _pixels("cloth image", files["cloth image"], "RGB", size),
+        "cloth_mask": _pixels("cloth mask", files["cloth mask"], "L", size),
         "agnostic": agnostic_image,
-        "densepose": _pixels("densepose image", p_files["densepose image"], "RGB", size),
-        "parse_agnostic": _labels("parse-agnostic map", p_files["parse-agnostic map"], size),
+        "densepose": _pixels("densepose image", files["densepose image"], "RGB", size),
+        "parse_agnostic": _labels("parse-agnostic map", files["parse-agnostic map"], size),
     }
