@@ -81,7 +81,7 @@ def test_warp_follows_the_official_constants():
     assert taps[7].item() == pytest.approx(0.134598, abs=1e-6)  # sigma 3 centre tap
     assert taps[0].item() == pytest.approx(0.008847, abs=1e-6)
     # flow divisors (W - 1) / 2 and (H - 1) / 2 of the flow grid (64x48 at a 128x96 condition size)
-    assert warp.flow_scale.tolist() == pytest.approx([1 / 23.5, 1 / 31.5])
+    assert warp.flow_divisors == (23.5, 31.5)
     # identity grid as the official make_grid: linspace(-1, 1) on both axes, (x, y) order
     assert warp.grid[0, 0, 0].tolist() == [-1.0, -1.0]
     assert warp.grid[0, -1, -1].tolist() == [1.0, 1.0]

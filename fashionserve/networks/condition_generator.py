@@ -64,7 +64,7 @@ def flow_divisors(height: int, width: int) -> tuple[float, float]:
     return (width / 2 - 1.0) / 2.0, (height / 2 - 1.0) / 2.0
 
 
-def _warp(features: Tensor, flow: Tensor, grid: Tensor, divisors: tuple[float, float]) -> Tensor:
+def warp_with_flow(features: Tensor, flow: Tensor, grid: Tensor, divisors: tuple[float, float]) -> Tensor:
     """Sample `features` at grid + flow (flow NHWC in pixels of the flow grid)."""
     flow_norm = torch.cat([flow[..., 0:1] / divisors[0], flow[..., 1:2] / divisors[1]], dim=3)
     return F.grid_sample(
@@ -168,13 +168,13 @@ class ConditionGenerator(nn.Module):
             k = NUM_LEVELS - 1 - i  # encoder level with the current resolution
             t1 = F.interpolate(t1, scale_factor=2, mode="bilinear") + self.conv1[k](cloth_features[k])
             flow = _upsample_flow(flow)
-            warped_t1 = _warp(t1, flow, self._grid(i - 1), self._divisors[i - 1])
+            warped_t1 = warp_with_flow(t1, flow, self._grid(i - 1), self._divisors[i - 1])
             residual = self.flow_conv[i](torch.cat([warped_t1, self.bottleneck[i - 1](x)], dim=1))
             flow = flow + residual.permute(0, 2, 3, 1)
             flows.append(flow)
             x = self.SegDecoder[i](torch.cat([x, pose_features[k], warped_t1], dim=1))
 
-        warped_input = _warp(
+        warped_input = warp_with_flow(
             cloth_input, _upsample_flow(flow), self._grid(NUM_LEVELS - 1), self._divisors[-1]
         )
         segmentation = self.out_layer(torch.cat([x, pose_input, warped_input], dim=1))

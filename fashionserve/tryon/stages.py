@@ -14,7 +14,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashionserve.networks.condition_generator import ConditionGenerator
+from fashionserve.networks.condition_generator import (
+    ConditionGenerator,
+    flow_divisors,
+    identity_grid,
+    warp_with_flow,
+)
 from fashionserve.networks.image_generator import ImageGenerator
 from fashionserve.tryon.labels import NUM_CIHP_LABELS, OCCLUDER_13, PARSE_7, PARSE_13, merge_matrix
 
@@ -65,14 +70,6 @@ def parse_resolution(text: str) -> tuple[int, int]:
     except ValueError:
         raise ValueError(f"resolution must look like HEIGHTxWIDTH (e.g. 1024x768), got {text!r}") from None
     return height, width
-
-
-def _identity_grid(height: int, width: int) -> Tensor:
-    """Sampling grid (1, H, W, 2) built like the official make_grid: linspace(-1, 1) per axis, (x, y) last."""
-    ys = torch.linspace(-1.0, 1.0, height, dtype=torch.float32)
-    xs = torch.linspace(-1.0, 1.0, width, dtype=torch.float32)
-    grid_y, grid_x = torch.meshgrid(ys, xs, indexing="ij")
-    return torch.stack([grid_x, grid_y], dim=-1).unsqueeze(0)
 
 
 def _gaussian_taps(size: int, sigma: float) -> Tensor:
@@ -138,13 +135,10 @@ class TryonWarp(nn.Module):
         super().__init__()
         self.size = (config.height, config.width)
         self.occlusion = config.occlusion
-        flow_height, flow_width = config.condition_height // 2, config.condition_width // 2
-        # Flow is in pixels of the flow grid; the official code divides by (size - 1) / 2 (47.5, 63.5).
-        self.register_buffer(
-            "flow_scale",
-            torch.tensor([2.0 / (flow_width - 1.0), 2.0 / (flow_height - 1.0)], dtype=torch.float32),
-        )
-        self.register_buffer("grid", _identity_grid(config.height, config.width))
+        # The flow is in pixels of the condition generator's finest flow grid (half its input size);
+        # the official full-resolution warp divides it by the same constants (47.5, 63.5 at 256x192).
+        self.flow_divisors = flow_divisors(config.condition_height, config.condition_width)
+        self.register_buffer("grid", identity_grid(config.height, config.width))
         taps = _gaussian_taps(BLUR_KERNEL_SIZE, BLUR_SIGMA)
         channels = len(PARSE_13)
         self.register_buffer("blur_vertical", taps.view(1, 1, -1, 1).repeat(channels, 1, 1, 1))
@@ -176,11 +170,8 @@ class TryonWarp(nn.Module):
         parse = F.conv2d(onehot_13, self.merge_13_to_7)
 
         flow = F.interpolate(flow.permute(0, 3, 1, 2), size=self.size, mode="bilinear").permute(0, 2, 3, 1)
-        grid = self.grid + flow * self.flow_scale
-        warped_cloth = F.grid_sample(cloth, grid, mode="bilinear", padding_mode="border", align_corners=False)
-        warped_mask = F.grid_sample(
-            cloth_mask, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
+        warped = warp_with_flow(torch.cat([cloth, cloth_mask], dim=1), flow, self.grid, self.flow_divisors)
+        warped_cloth, warped_mask = warped[:, :3], warped[:, 3:]
         if self.occlusion:
             probabilities = torch.softmax(segmentation, dim=1)
             occluded = (probabilities * self.occluders).sum(dim=1, keepdim=True)
