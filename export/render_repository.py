@@ -3,6 +3,8 @@
   --target cpu  every leaf is a python-backend model running its ONNX file with ONNX Runtime
                 (the embedded default)
   --target gpu  configs as tracked: TensorRT plans for the heavy networks, ONNX Runtime for light steps
+  --variant     precision of the heavy networks: fp32 (default), or fp16/int8 from export/quantize.py;
+                a variant that failed its quality gate is refused unless --force
 
 Example:
   python export/render_repository.py work/bundles/tryon-demo --target cpu --out work/model_repository
@@ -16,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.cli import run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
-from fashionserve.repository import TARGETS, RenderError, render_repository  # noqa: E402
+from fashionserve.repository import PRECISIONS, TARGETS, RenderError, render_repository  # noqa: E402
 from fashionserve.tryon.bundle import read_manifest  # noqa: E402
 
 
@@ -32,10 +34,24 @@ def main() -> None:
     parser.add_argument(
         "--version", type=int, default=1, help="Triton version number of the models (default 1)"
     )
+    parser.add_argument(
+        "--variant", choices=PRECISIONS, default="fp32", help="heavy networks' precision (default fp32)"
+    )
+    parser.add_argument(
+        "--force", action="store_true", help="serve a variant even though it failed its quality gate"
+    )
     args = parser.parse_args()
     manifest = read_manifest(args.bundle)
-    names = render_repository(args.bundle, manifest, args.out, target=args.target, version=args.version)
-    print(f"rendered {args.target} repository {args.out}: {', '.join(names)}")
+    names = render_repository(
+        args.bundle,
+        manifest,
+        args.out,
+        target=args.target,
+        version=args.version,
+        variant=args.variant,
+        force=args.force,
+    )
+    print(f"rendered {args.target} repository {args.out} ({args.variant}): {', '.join(names)}")
 
 
 if __name__ == "__main__":

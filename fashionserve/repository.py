@@ -6,6 +6,11 @@ the public resolution); tensor shapes always come from the bundle's ONNX files. 
 - `gpu`: configs as tracked (TensorRT plans for heavy networks, ONNX Runtime for light steps).
 - `cpu`: every leaf becomes a python-backend model running the same ONNX file with ONNX Runtime
   (`fashionserve.runner`); ensembles are identical.
+
+`variant` picks the precision of the heavy networks: fp32 (default), or a variant that
+`export/quantize.py` recorded in the manifest (fp16, int8). A variant that failed its quality gate is
+refused unless forced. The `gpu` target serves the TensorRT plans `export/build_plans.py` built from
+that variant, one per GPU compute capability (`cc_model_filenames`).
 """
 
 import shutil
@@ -17,6 +22,7 @@ from tritonclient.grpc import model_config_pb2 as mc
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 TRACKED_REPOSITORY = PROJECT_ROOT / "model_repository"
 TARGETS = ("cpu", "gpu")
+PRECISIONS = ("fp32", "fp16", "int8")
 
 _DTYPES = {"uint8": mc.TYPE_UINT8, "float32": mc.TYPE_FP32, "float16": mc.TYPE_FP16, "int64": mc.TYPE_INT64}
 _RUNNER_SHIM = (
@@ -66,6 +72,29 @@ def _to_cpu(config: mc.ModelConfig) -> None:
     config.ClearField("optimization")
 
 
+def variant_files(manifest: dict, variant: str, force: bool = False) -> dict[str, str]:
+    """Bundle-relative model file per network for `variant` (only the networks it replaces); refuses a
+    variant the bundle lacks, or one that failed its quality gate unless `force`."""
+    if variant not in PRECISIONS:
+        raise RenderError(f"unknown variant {variant!r}; choose one of {', '.join(PRECISIONS)}")
+    if variant == "fp32":
+        return {}
+    record = manifest.get("variants", {}).get(variant)
+    if record is None:
+        raise RenderError(f"the bundle has no {variant} variant; make it with export/quantize.py")
+    if not record["passed"] and not force:
+        raise RenderError(
+            f"the {variant} variant failed its quality gate ({record['reason']}); --force serves it anyway"
+        )
+    return {network: entry["file"] for network, entry in record["networks"].items()}
+
+
+def variant_plans(manifest: dict, network: str, variant: str) -> dict[str, str]:
+    """Compute capability -> bundle-relative TensorRT plan of `network` built from `variant`."""
+    plans = manifest.get("plans", {}).get(network, [])
+    return {p["compute_capability"]: p["file"] for p in plans if p["variant"] == variant}
+
+
 def render_repository(
     bundle_dir: Path,
     manifest: dict,
@@ -73,18 +102,21 @@ def render_repository(
     target: str = "cpu",
     version: int = 1,
     source: Path = TRACKED_REPOSITORY,
+    variant: str = "fp32",
+    force: bool = False,
 ) -> list[str]:
     """Write the pipeline's ensemble and composing models into `dest` (which must not exist) with the
     bundle's files in version `version`; returns the model names. Written to a temp dir, then renamed."""
     if target not in TARGETS:
         raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    files = variant_files(manifest, variant, force)
     if dest.exists():
         raise RenderError(f"repository directory already exists: {dest}")
     pipeline = manifest["pipeline"]
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        names = _render_into(bundle_dir, manifest, tmp, target, version, source, pipeline)
+        names = _render_into(bundle_dir, manifest, tmp, target, version, source, pipeline, variant, files)
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -93,7 +125,15 @@ def render_repository(
 
 
 def _render_into(
-    bundle_dir: Path, manifest: dict, dest: Path, target: str, version: int, source: Path, pipeline: str
+    bundle_dir: Path,
+    manifest: dict,
+    dest: Path,
+    target: str,
+    version: int,
+    source: Path,
+    pipeline: str,
+    variant: str,
+    files: dict[str, str],
 ) -> list[str]:
     ensemble = read_config(source / pipeline / "config.pbtxt")
     max_batch = manifest["max_batch_size"]
@@ -109,16 +149,21 @@ def _render_into(
         config.max_batch_size = min(config.max_batch_size, max_batch)
         version_dir = dest / name / str(version)
         version_dir.mkdir(parents=True)
-        onnx_file = bundle_dir / model["file"]
+        onnx_file = bundle_dir / files.get(name, model["file"])
         if target == "cpu":
             _to_cpu(config)
             shutil.copyfile(onnx_file, version_dir / "model.onnx")
             (version_dir / "model.py").write_text(_RUNNER_SHIM)
         elif config.platform == "tensorrt_plan":
-            plan = onnx_file.with_name("model.plan")
-            if not plan.is_file():
-                raise RenderError(f"{name}: no TensorRT plan {plan}; build it first on the GPU host")
-            shutil.copyfile(plan, version_dir / "model.plan")
+            plans = variant_plans(manifest, name, variant)
+            if not plans:
+                raise RenderError(
+                    f"{name}: the bundle has no {variant} TensorRT plan; build it with export/build_plans.py"
+                )
+            # one plan per GPU architecture; Triton loads the one of the GPU it runs on
+            for capability, plan in sorted(plans.items()):
+                shutil.copyfile(bundle_dir / plan, version_dir / Path(plan).name)
+                config.cc_model_filenames[capability] = Path(plan).name
         else:
             shutil.copyfile(onnx_file, version_dir / "model.onnx")
         write_config(config, dest / name / "config.pbtxt")

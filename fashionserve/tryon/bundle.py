@@ -216,6 +216,13 @@ def _export_into(
     return manifest
 
 
+def write_manifest(bundle_dir: Path, manifest: dict) -> None:
+    """Replace a bundle's manifest atomically (temp file, then rename): readers see the old or the new."""
+    tmp = bundle_dir / (MANIFEST + ".partial")
+    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
+    tmp.replace(bundle_dir / MANIFEST)
+
+
 def read_manifest(bundle_dir: Path) -> dict:
     """The manifest of an exported bundle."""
     path = bundle_dir / MANIFEST

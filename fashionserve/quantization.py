@@ -1,0 +1,809 @@
+"""FP16 and INT8 Q/DQ variants of a bundle's heavy networks, and the quality gate that judges them.
+
+- FP16: onnxconverter-common's float16 conversion, inputs/outputs kept fp32. Normalization statistics,
+  grid/flow math and argmax/softmax stay fp32 by design; more layers stay fp32 where measurement says so.
+- INT8: ONNX Runtime static quantization in Q/DQ form, int8 symmetric activations and per-channel
+  symmetric weights (what TensorRT needs), calibrated with min/max ranges on each network's real
+  inputs: the fp32 stages before it run on calibration samples.
+- Per-layer exclusions by measurement: every candidate layer gets a sensitivity (the signal-to-noise
+  ratio of its own tensors in the lower precision, measured on the calibration set); the most sensitive
+  layers go back to fp32 in growing steps until the final try-on image on the calibration set meets
+  the variant's thresholds (or the exclusion budget is spent).
+- Quality gate: the whole pipeline (the bundle's five stage files chained in ONNX Runtime with the
+  tracked ensemble wiring) runs in fp32 and with the variant swapped in, on an evaluation set; SSIM and
+  PSNR of the final uint8 images and each network's max/mean abs error go into the manifest.
+
+The bundle is only ever updated through `commit_variants` (files renamed into place, manifest last).
+"""
+
+import copy
+import logging
+import math
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from functools import partial
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxconverter_common import float16
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.qdq_loss_debug import compute_weight_error, create_weight_matching
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from fashionserve.checkpoints import sha256_file
+from fashionserve.onnx_export import run_onnx
+from fashionserve.tryon.bundle import STAGES, read_manifest, stage_inputs, write_manifest
+from fashionserve.tryon.dataset import PAIRS_FILE, load_tryon_inputs, read_pairs
+from fashionserve.tryon.samples import write_sample_set
+
+VARIANTS = ("fp16", "int8")
+HEAVY_NETWORKS = ("tryon_condition_generator", "tryon_image_generator")
+DEFAULT_MIN_SSIM = {"fp16": 0.98, "int8": 0.95}
+DEFAULT_MIN_PSNR = {"fp16": 30.0, "int8": 25.0}
+DEFAULT_MAX_EXCLUDED_FRACTION = 0.25
+PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; JSON has no infinity
+SQNR_CAP_DB = 999.0
+
+# Kept in fp32 by design (FP16): normalization statistics, sampling/flow math, argmax and softmax;
+# onnxconverter-common's own block list (ops without fp16 kernels) stays in too.
+FP16_BLOCKED_OP_TYPES = (
+    "InstanceNormalization",
+    "BatchNormalization",
+    "LayerNormalization",
+    "GridSample",
+    "ArgMax",
+    "Softmax",
+)
+INT8_OP_TYPES = ("Conv",)  # TensorRT's int8 speed comes from convolutions; everything else stays float
+_DRAWN_PAIRS_PER_SEED = 4  # the drawn set has 2 persons x 2 garments
+
+
+class QuantizationError(Exception):
+    """An expected failure (bad sample folder, unknown variant, ...): one line for the user."""
+
+
+class GateFailure(QuantizationError):
+    """A variant missed its quality thresholds (it is recorded in the manifest all the same)."""
+
+
+def gate_failures(manifest: dict, variants: Iterable[str]) -> str:
+    """One line naming the variants of `variants` that failed the gate, or '' when all passed."""
+    records = manifest.get("variants", {})
+    failed = [f"{v} ({records[v]['reason']})" for v in variants if v in records and not records[v]["passed"]]
+    return "quality gate failed: " + ", ".join(failed) if failed else ""
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """What a variant must reach against fp32 on the final images (means over the evaluation set)."""
+
+    min_ssim: float
+    min_psnr: float
+
+    def failures(self, quality: dict) -> list[str]:
+        """Why `quality` misses these thresholds (empty when it passes)."""
+        reasons = []
+        if quality["ssim_mean"] < self.min_ssim:
+            reasons.append(f"SSIM {quality['ssim_mean']:.4f} < {self.min_ssim:g}")
+        if quality["psnr_mean"] < self.min_psnr:
+            reasons.append(f"PSNR {quality['psnr_mean']:.2f} dB < {self.min_psnr:g} dB")
+        return reasons
+
+
+def default_thresholds(variant: str) -> Thresholds:
+    return Thresholds(DEFAULT_MIN_SSIM[variant], DEFAULT_MIN_PSNR[variant])
+
+
+def variant_file(network: str, variant: str) -> str:
+    """Bundle-relative path of a network's variant, next to its fp32 model.onnx."""
+    return f"{network}/model.{variant}.onnx"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Samples
+
+
+@dataclass(frozen=True)
+class SampleSet:
+    """Client inputs (uint8, no batch dimension) of some try-on pairs, and where they came from."""
+
+    source: str
+    names: list[str]
+    inputs: list[dict[str, np.ndarray]]
+
+
+def load_samples(
+    dataroot: Path | None, height: int, width: int, count: int, offset: int = 0, split: str = "test"
+) -> SampleSet:
+    """`count` pairs starting at pair `offset`: from the pairs file of a VITON-HD-layout folder, or
+    (dataroot None) from the drawn sample set, 4 pairs per seed. The images must be height x width."""
+    if count < 1:
+        raise QuantizationError(f"sample count must be at least 1, got {count}")
+    if dataroot is None:
+        return _drawn_samples(height, width, count, offset)
+    pairs = read_pairs(dataroot / PAIRS_FILE.format(split=split))
+    if not pairs:
+        raise QuantizationError(f"{dataroot}: the pairs file lists no pairs")
+    chosen = [pairs[(offset + i) % len(pairs)] for i in range(count)]  # wraps round a short list
+    inputs = []
+    for person, cloth in chosen:
+        sample = load_tryon_inputs(dataroot, person, cloth, split=split)
+        size = sample["cloth"].shape[:2]
+        if size != (height, width):
+            raise QuantizationError(
+                f"{dataroot}: pair {person} {cloth} is {size[0]}x{size[1]}, "
+                f"the bundle expects {height}x{width}"
+            )
+        inputs.append(sample)
+    return SampleSet(str(dataroot), [f"{p} {c}" for p, c in chosen], inputs)
+
+
+def _drawn_samples(height: int, width: int, count: int, offset: int) -> SampleSet:
+    names, inputs = [], []
+    with tempfile.TemporaryDirectory(prefix="fashionserve-samples-") as tmp:
+        for index in range(offset, offset + count):
+            seed, combination = divmod(index, _DRAWN_PAIRS_PER_SEED)
+            root = Path(tmp) / f"seed{seed}"
+            if not root.exists():
+                write_sample_set(root, height=height, width=width, seed=seed)
+            persons = sorted({p for p, _ in read_pairs(root / PAIRS_FILE.format(split="test"))})
+            person, cloth = persons[combination // 2], persons[combination % 2]
+            inputs.append(load_tryon_inputs(root, person, cloth))
+            names.append(f"drawn seed {seed}: {person} {cloth}")
+    return SampleSet("drawn samples", names, inputs)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pipeline in ONNX Runtime
+
+
+def open_session(path: Path | str, optimize: bool = True) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:  # keep every Q/DQ node as written, so measured tensors are what the model computes
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3  # ORT's own warnings (e.g. about unused initializers) are not ours
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def _run_stage(session: ort.InferenceSession, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    return tuple(torch.from_numpy(output) for output in run_onnx(session, args))
+
+
+class OnnxPipeline:
+    """The bundle's stage files as ONNX Runtime sessions. `stages[name](*tensors)` runs one stage, so
+    `fashionserve.tryon.bundle.stage_inputs` chains them with the tracked ensemble wiring."""
+
+    def __init__(self, sessions: dict[str, ort.InferenceSession]):
+        self.sessions = sessions
+        self.stages = {name: partial(_run_stage, session) for name, session in sessions.items()}
+
+    @classmethod
+    def from_bundle(cls, bundle_dir: Path, manifest: dict) -> "OnnxPipeline":
+        return cls({s.name: open_session(bundle_dir / manifest["models"][s.name]["file"]) for s in STAGES})
+
+    def swapped(self, network: str, session: ort.InferenceSession) -> "OnnxPipeline":
+        """The same pipeline with one network replaced."""
+        return OnnxPipeline({**self.sessions, network: session})
+
+    def run(self, sample: dict[str, np.ndarray]) -> dict[str, tuple]:
+        """Every stage's (inputs, outputs) for one sample (batch of one)."""
+        args = tuple(torch.from_numpy(sample[name][None]) for name in STAGES[0].inputs)
+        return stage_inputs(self, args)
+
+
+def final_image(run: dict[str, tuple]) -> np.ndarray:
+    """The uint8 try-on image (H, W, 3) of a one-sample run."""
+    return run[STAGES[-1].name][1][0][0].numpy()
+
+
+def image_quality(references: list[np.ndarray], images: list[np.ndarray]) -> dict[str, float]:
+    """SSIM and PSNR of uint8 images against their fp32 references (mean and worst)."""
+    pairs = list(zip(references, images, strict=True))
+    ssim = [structural_similarity(r, i, channel_axis=-1, data_range=255) for r, i in pairs]
+    psnr = [_psnr(r, i) for r, i in pairs]
+    return {
+        "ssim_mean": float(np.mean(ssim)),
+        "ssim_min": float(np.min(ssim)),
+        "psnr_mean": float(np.mean(psnr)),
+        "psnr_min": float(np.min(psnr)),
+    }
+
+
+def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
+    if np.array_equal(reference, image):
+        return PSNR_CAP_DB
+    return min(PSNR_CAP_DB, float(peak_signal_noise_ratio(reference, image, data_range=255)))
+
+
+def pipeline_quality(pipeline: OnnxPipeline, samples: SampleSet, references: list[np.ndarray]) -> dict:
+    """Quality of `pipeline`'s final images against the fp32 references of the same samples."""
+    return image_quality(references, [final_image(pipeline.run(sample)) for sample in samples.inputs])
+
+
+def network_errors(session: ort.InferenceSession, network: str, reference_runs: list[dict]) -> dict:
+    """Max and mean abs error of a variant network fed the fp32 pipeline's inputs, per output."""
+    outputs = next(s for s in STAGES if s.name == network).outputs
+    worst: dict[str, float] = dict.fromkeys(outputs, 0.0)
+    total: dict[str, float] = dict.fromkeys(outputs, 0.0)
+    count: dict[str, int] = dict.fromkeys(outputs, 0)
+    for run in reference_runs:
+        args, expected = run[network]
+        for name, reference, actual in zip(outputs, expected, run_onnx(session, args), strict=True):
+            error = np.abs(reference.numpy().astype(np.float64) - actual.astype(np.float64))
+            worst[name] = max(worst[name], float(error.max(initial=0.0)))
+            total[name] += float(error.sum())
+            count[name] += error.size
+    return {
+        "max_abs_error": worst,
+        "mean_abs_error": {name: total[name] / max(count[name], 1) for name in outputs},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------
+# Building one variant of one network
+
+
+def _finite_db(value: float) -> float:
+    return float(max(-SQNR_CAP_DB, min(SQNR_CAP_DB, value)))
+
+
+def _sqnr_db(signal: float, noise: float) -> float:
+    if not math.isfinite(noise):
+        return -SQNR_CAP_DB  # overflowed: the most sensitive there is
+    if noise == 0.0:
+        return SQNR_CAP_DB
+    return _finite_db(10.0 * math.log10(max(signal, 1e-30) / noise))
+
+
+def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
+    """`model` with extra float graph outputs, so intermediate tensors can be read."""
+    model = copy.deepcopy(model)
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            present.add(name)
+    return model.SerializeToString()
+
+
+def _float_outputs(model: onnx.ModelProto) -> set[str]:
+    inferred = onnx.shape_inference.infer_shapes(model)
+    return {
+        v.name
+        for v in [*inferred.graph.value_info, *inferred.graph.output]
+        if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    }
+
+
+def _producers(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {output: node for node in model.graph.node for output in node.output}
+
+
+def flow_math_nodes(model: onnx.ModelProto) -> list[str]:
+    """Nodes computing a GridSample's sampling grid from the last convolution on (flow upsampling,
+    scaling, accumulation): sub-pixel offsets that fp16 rounding would move."""
+    producers = _producers(model)
+    found: dict[str, None] = {}
+    pending = [n.input[1] for n in model.graph.node if n.op_type == "GridSample"]
+    while pending:
+        node = producers.get(pending.pop())
+        if node is None or node.op_type == "Conv" or node.name in found:
+            continue
+        found[node.name] = None
+        pending.extend(node.input)
+    return list(found)
+
+
+def _detach_graph_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Copy of `model` where no node reads a graph output: such an output (the flow, here) is renamed
+    inside the graph and copied out by an Identity. The fp16 converter retypes a graph output written
+    by a kept-fp32 node to fp16 (keep_io_types then misses it); the Identity avoids that."""
+    model = copy.deepcopy(model)
+    del model.graph.value_info[:]  # the converter infers types afresh; stale ones would contradict it
+    read = {name for node in model.graph.node for name in node.input}
+    for output in model.graph.output:
+        if output.name not in read:
+            continue
+        inner = output.name + "__inner"
+        for node in model.graph.node:
+            node.input[:] = [inner if name == output.name else name for name in node.input]
+            node.output[:] = [inner if name == output.name else name for name in node.output]
+        model.graph.node.append(onnx.helper.make_node("Identity", [inner], [output.name], name=inner))
+    return model
+
+
+def _collapse_cast_round_trips(model: onnx.ModelProto) -> None:
+    """Let every Cast-to-fp32 read the fp32 tensor directly where it only undoes a Cast-to-fp16 (through
+    Identity nodes), then drop nodes nobody reads. The converter casts around each kept-fp32 node, so
+    without this a tensor passed between two kept-fp32 nodes would still be rounded to fp16."""
+    producers = _producers(model)
+    for node in model.graph.node:
+        if node.op_type != "Cast" or _cast_target(node) != onnx.TensorProto.FLOAT:
+            continue
+        source = producers.get(node.input[0])
+        while source is not None and source.op_type == "Identity":
+            source = producers.get(source.input[0])
+        if (
+            source is not None
+            and source.op_type == "Cast"
+            and _cast_target(source) == onnx.TensorProto.FLOAT16
+        ):
+            node.input[0] = source.input[0]  # the converter only casts float tensors to fp16
+    _drop_unread_nodes(model)
+
+
+def _cast_target(node: onnx.NodeProto) -> int:
+    return next(a.i for a in node.attribute if a.name == "to")
+
+
+def _drop_unread_nodes(model: onnx.ModelProto) -> None:
+    needed = {o.name for o in model.graph.output}
+    kept = []
+    for node in reversed(model.graph.node):  # the converter leaves the nodes topologically sorted
+        if needed.intersection(node.output):
+            kept.append(node)
+            needed.update(node.input)
+    del model.graph.node[:]
+    model.graph.node.extend(reversed(kept))
+
+
+def _fp16_blocked_op_types() -> list[str]:
+    return sorted({*float16.DEFAULT_OP_BLOCK_LIST, *FP16_BLOCKED_OP_TYPES})
+
+
+def convert_fp16(model: onnx.ModelProto, excluded_nodes: list[str], out_path: Path) -> None:
+    """FP16 copy of `model` with fp32 inputs/outputs; blocked op types and `excluded_nodes` stay fp32."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it warns once per tiny weight it rounds to its minimum (1e-7)
+        converted = float16.convert_float_to_float16(
+            _detach_graph_outputs(model),
+            keep_io_types=True,
+            op_block_list=_fp16_blocked_op_types(),
+            node_block_list=excluded_nodes,
+        )
+    _collapse_cast_round_trips(converted)
+    onnx.save(converted, str(out_path))
+
+
+class _FeedReader(CalibrationDataReader):
+    def __init__(self, feeds: list[dict[str, np.ndarray]]):
+        self._feeds = iter(feeds)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self._feeds, None)
+
+
+def quantize_int8(
+    model_path: Path,
+    feeds: list[dict[str, np.ndarray]],
+    excluded_nodes: list[str],
+    out_path: Path,
+    cache: Path,
+) -> None:
+    """INT8 Q/DQ copy of the model at `model_path`: convolutions with per-channel symmetric int8 weights
+    and symmetric int8 activations (zero point 0, as TensorRT requires), min/max calibrated on `feeds`.
+    Calibration ranges are kept in `cache` so later calls with other exclusions skip calibration."""
+    quantize_static(
+        str(model_path),
+        str(out_path),
+        _FeedReader(feeds),
+        quant_format=QuantFormat.QDQ,
+        op_types_to_quantize=list(INT8_OP_TYPES),
+        per_channel=True,
+        activation_type=QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=excluded_nodes,
+        extra_options={
+            "ActivationSymmetric": True,
+            "WeightSymmetric": True,
+            # bias stays float: TensorRT fuses a float bias; an int32 Q/DQ bias is not what it expects
+            "QuantizeBias": False,
+        },
+        calibration_cache_path=str(cache),
+    )
+
+
+def _accumulate_sqnr(
+    model_bytes: bytes,
+    feeds: list[dict[str, np.ndarray]],
+    pairs: dict[str, tuple[str, str | None]],
+    optimize: bool,
+) -> dict[str, float]:
+    """SQNR (dB) per key over all feeds, for pairs (signal tensor, noisy tensor); a noisy tensor None
+    means the signal's own fp16 round trip."""
+    session = open_session_bytes(model_bytes, optimize)
+    names = sorted({n for pair in pairs.values() for n in pair if n is not None})
+    signal = dict.fromkeys(pairs, 0.0)
+    noise = dict.fromkeys(pairs, 0.0)
+    for feed in feeds:
+        values = dict(zip(names, session.run(names, feed), strict=True))
+        for key, (clean, noisy) in pairs.items():
+            x = values[clean].astype(np.float64)
+            with np.errstate(over="ignore", invalid="ignore"):
+                y = values[clean].astype(np.float16) if noisy is None else values[noisy]
+                difference = x - y.astype(np.float64)
+            signal[key] += float(np.sum(x * x))
+            noise[key] += float(np.sum(difference * difference))
+    return {key: _sqnr_db(signal[key], noise[key]) for key in pairs}
+
+
+def open_session_bytes(model_bytes: bytes, optimize: bool) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.log_severity_level = 3
+    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+
+
+def fp16_sensitivity(
+    model: onnx.ModelProto, candidates: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Per candidate node: SQNR (dB) of its float outputs rounded to fp16 (overflow gives the minimum)."""
+    floats = _float_outputs(model)
+    by_name = {n.name: n for n in model.graph.node}
+    pairs = {}
+    for name in candidates:
+        outputs = [o for o in by_name[name].output if o in floats]
+        for output in outputs:
+            pairs[f"{name}\0{output}"] = (output, None)
+    per_tensor = _accumulate_sqnr(_with_outputs(model, (p[0] for p in pairs.values())), feeds, pairs, True)
+    return _min_per_node(per_tensor)
+
+
+def int8_sensitivity(
+    float_path: Path, qdq_path: Path, candidates: list[str], feeds: list[dict[str, np.ndarray]]
+) -> dict[str, float]:
+    """Per candidate node: the lowest SQNR (dB) among its quantized input/output activations (before vs
+    after their Q/DQ pair, measured in the Q/DQ model) and its quantized weight."""
+    qdq = onnx.load(str(qdq_path))
+    producers = _producers(qdq)
+    # Q/DQ pairs on activations: (tensor before quantization, tensor after dequantization)
+    activation_pairs = {}
+    for node in qdq.graph.node:
+        source = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if source is not None and source.op_type == "QuantizeLinear":
+            activation_pairs[source.input[0]] = node.output[0]
+    by_name = {n.name: n for n in onnx.load(str(float_path)).graph.node}
+    pairs = {}
+    for name in candidates:
+        node = by_name[name]
+        for tensor in (node.input[0], *node.output):
+            if tensor in activation_pairs:
+                pairs[f"{name}\0{tensor}"] = (tensor, activation_pairs[tensor])
+    scores = _accumulate_sqnr(_with_outputs(qdq, (t for p in pairs.values() for t in p)), feeds, pairs, False)
+    weights = compute_weight_error(create_weight_matching(str(float_path), str(qdq_path)))
+    for name in candidates:
+        weight = by_name[name].input[1]
+        if weight in weights:
+            scores[f"{name}\0{weight}"] = _finite_db(weights[weight])
+    return _min_per_node(scores)
+
+
+def _min_per_node(per_tensor: dict[str, float]) -> dict[str, float]:
+    nodes: dict[str, float] = {}
+    for key, value in per_tensor.items():
+        node = key.split("\0", 1)[0]
+        nodes[node] = min(nodes.get(node, SQNR_CAP_DB), value)
+    return nodes
+
+
+def exclusion_steps(candidates: int, max_fraction: float) -> list[int]:
+    """How many of the most sensitive layers to exclude at each try: 0, 1, 2, 4, ... up to the budget."""
+    budget = int(candidates * max_fraction)
+    steps = [0]
+    while steps[-1] < budget:
+        steps.append(min(budget, max(1, steps[-1] * 2)))
+    return steps
+
+
+@dataclass
+class NetworkVariant:
+    """One built variant of one network (the file is in a work directory until committed)."""
+
+    network: str
+    variant: str
+    path: Path
+    record: dict = field(default_factory=dict)
+
+
+def build_network_variant(
+    network: str,
+    variant: str,
+    fp32_path: Path,
+    feeds: list[dict[str, np.ndarray]],
+    quality_of: Callable[[ort.InferenceSession], dict],
+    thresholds: Thresholds,
+    max_excluded_fraction: float,
+    work_dir: Path,
+    log: Callable[[str], None],
+) -> NetworkVariant:
+    """Build `variant` of one network, returning the first candidate (fewest measured exclusions) whose
+    pipeline quality on the calibration set (`quality_of`) meets `thresholds`, else the one with most."""
+    model = onnx.load(str(fp32_path))
+    out = work_dir / f"{network}.{variant}.onnx"
+    cache = work_dir / f"{network}.calibration.json"
+
+    if variant == "fp16":
+        design = flow_math_nodes(model)
+        blocked = set(_fp16_blocked_op_types())
+        candidates = [n.name for n in model.graph.node if n.name not in design and n.op_type not in blocked]
+
+        def build(excluded: list[str]) -> None:
+            convert_fp16(model, design + excluded, out)
+
+        def measure() -> dict[str, float]:
+            return fp16_sensitivity(model, candidates, feeds)
+
+        tool = f"onnxconverter-common {version('onnxconverter-common')} float16 (keep_io_types)"
+        excluded_op_types = _fp16_blocked_op_types()
+    elif variant == "int8":
+        design = []
+        candidates = [n.name for n in model.graph.node if n.op_type in INT8_OP_TYPES]
+
+        def build(excluded: list[str]) -> None:
+            quantize_int8(fp32_path, feeds, excluded, out, cache)
+
+        def measure() -> dict[str, float]:
+            return int8_sensitivity(fp32_path, out, candidates, feeds)
+
+        tool = (
+            f"onnxruntime {ort.__version__} quantize_static: QDQ, int8 symmetric activations, per-channel "
+            f"symmetric int8 weights, min/max calibration, ops {list(INT8_OP_TYPES)}"
+        )
+        excluded_op_types = []
+    else:
+        raise QuantizationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+
+    started = time.monotonic()
+    build([])
+    log(f"    sensitivity of {len(candidates)} layers on {len(feeds)} calibration samples")
+    sensitivity = measure()
+    ranked = sorted(candidates, key=lambda name: sensitivity.get(name, SQNR_CAP_DB))
+    search = []
+    best: tuple[float, int] | None = None  # (SSIM, excluded count) of the best candidate so far
+    for count in exclusion_steps(len(ranked), max_excluded_fraction):
+        if count:
+            build(ranked[:count])
+        quality = quality_of(open_session(out))
+        misses = thresholds.failures(quality)
+        search.append({"excluded_layers": count, **_rounded(quality)})
+        verdict = "meets thresholds" if not misses else "; ".join(misses)
+        log(f"    {count:3d} layers kept fp32: SSIM {quality['ssim_mean']:.4f}, {verdict}")
+        if best is None or quality["ssim_mean"] > best[0]:
+            best = (quality["ssim_mean"], count)
+        if not misses:
+            best = (quality["ssim_mean"], count)
+            break
+    chosen = best[1]
+    if chosen != search[-1]["excluded_layers"]:  # nothing met the thresholds: keep the best, the gate decides
+        build(ranked[:chosen])
+    excluded = ranked[:chosen]
+    record = {
+        "file": variant_file(network, variant),
+        "tool": tool,
+        "fp32_op_types": excluded_op_types,
+        "fp32_nodes_by_design": design,
+        "fp32_nodes_by_measurement": [
+            {"node": name, "sqnr_db": round(sensitivity.get(name, SQNR_CAP_DB), 2)} for name in excluded
+        ],
+        "candidate_layers": len(candidates),
+        "exclusion_search": search,
+        "chosen_excluded_layers": chosen,
+        "build_seconds": round(time.monotonic() - started, 1),
+    }
+    return NetworkVariant(network, variant, out, record)
+
+
+def _rounded(values: dict[str, float]) -> dict[str, float]:
+    return {key: float(f"{value:.6g}") for key, value in values.items()}
+
+
+# ---------------------------------------------------------------------------------------------------
+# Whole bundle
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    variants: tuple[str, ...] = VARIANTS
+    calibration_dir: Path | None = None  # None: the drawn sample set
+    calibration_samples: int = 8
+    eval_dir: Path | None = None  # None: same source as calibration, the pairs after the calibration ones
+    eval_samples: int = 4
+    thresholds: dict[str, Thresholds] = field(
+        default_factory=lambda: {v: default_thresholds(v) for v in VARIANTS}
+    )
+    max_excluded_fraction: float = DEFAULT_MAX_EXCLUDED_FRACTION
+
+
+def _network_feeds(
+    runs: list[dict], network: str, session: ort.InferenceSession
+) -> list[dict[str, np.ndarray]]:
+    names = [i.name for i in session.get_inputs()]
+    return [{n: t.numpy() for n, t in zip(names, run[network][0], strict=True)} for run in runs]
+
+
+def evaluate_variant(
+    pipeline: OnnxPipeline,
+    files: dict[str, Path],
+    samples: SampleSet,
+    reference_runs: list[dict],
+    thresholds: Thresholds,
+) -> dict:
+    """The quality gate for one variant: the pipeline with every network in `files` swapped in against
+    the fp32 runs of the same samples. Returns the record stored under manifest['variants'][variant]."""
+    sessions = {network: open_session(path) for network, path in files.items()}
+    swapped = pipeline
+    for network, session in sessions.items():
+        swapped = swapped.swapped(network, session)
+    quality = pipeline_quality(swapped, samples, [final_image(run) for run in reference_runs])
+    misses = thresholds.failures(quality)
+    return {
+        "passed": not misses,
+        "reason": "; ".join(misses),
+        "thresholds": {"min_ssim": thresholds.min_ssim, "min_psnr": thresholds.min_psnr},
+        "quality": _rounded(quality),
+        "network_errors": {
+            network: {k: _rounded(v) for k, v in network_errors(session, network, reference_runs).items()}
+            for network, session in sessions.items()
+        },
+    }
+
+
+@dataclass
+class _References:
+    """fp32 runs of the calibration and evaluation samples, shared by every variant."""
+
+    pipeline: OnnxPipeline
+    calibration: SampleSet
+    evaluation: SampleSet
+    calibration_runs: list[dict]
+    evaluation_runs: list[dict]
+
+    def calibration_quality(self, network: str, session: ort.InferenceSession) -> dict:
+        """Final-image quality on the calibration set with one network swapped."""
+        images = [final_image(run) for run in self.calibration_runs]
+        return pipeline_quality(self.pipeline.swapped(network, session), self.calibration, images)
+
+
+def _references(bundle_dir: Path, manifest: dict, options: QuantizeOptions, log: Callable) -> _References:
+    height, width = manifest["config"]["height"], manifest["config"]["width"]
+    calibration = load_samples(options.calibration_dir, height, width, options.calibration_samples)
+    eval_offset = options.calibration_samples if options.eval_dir is None else 0
+    eval_dir = options.eval_dir or options.calibration_dir
+    evaluation = load_samples(eval_dir, height, width, options.eval_samples, eval_offset)
+    overlap = set(calibration.names) & set(evaluation.names)
+    if overlap:
+        log(f"note: {len(overlap)} evaluation pairs are calibration pairs too (the folder has too few)")
+    pipeline = OnnxPipeline.from_bundle(bundle_dir, manifest)
+    log(f"fp32 pipeline on {len(calibration.names)} calibration, {len(evaluation.names)} evaluation samples")
+    return _References(
+        pipeline,
+        calibration,
+        evaluation,
+        [pipeline.run(sample) for sample in _progress(calibration.inputs, "calibration", log)],
+        [pipeline.run(sample) for sample in _progress(evaluation.inputs, "evaluation", log)],
+    )
+
+
+def _build_variant(
+    variant: str,
+    bundle_dir: Path,
+    manifest: dict,
+    options: QuantizeOptions,
+    references: _References,
+    work_dir: Path,
+    log: Callable[[str], None],
+) -> tuple[dict, list[NetworkVariant]]:
+    """Build and gate one variant; returns its manifest record and the built files."""
+    thresholds = options.thresholds[variant]
+    built = []
+    for network in HEAVY_NETWORKS:
+        log(f"[{variant}] {network}")
+        built.append(
+            build_network_variant(
+                network,
+                variant,
+                bundle_dir / manifest["models"][network]["file"],
+                _network_feeds(references.calibration_runs, network, references.pipeline.sessions[network]),
+                partial(references.calibration_quality, network),
+                thresholds,
+                options.max_excluded_fraction,
+                work_dir,
+                log,
+            )
+        )
+    log(f"[{variant}] quality gate on {len(references.evaluation.names)} evaluation samples")
+    files = {b.network: b.path for b in built}
+    gate = evaluate_variant(
+        references.pipeline, files, references.evaluation, references.evaluation_runs, thresholds
+    )
+    errors = gate.pop("network_errors")
+    quality = gate["quality"]
+    status = "PASS" if gate["passed"] else f"FAIL ({gate['reason']})"
+    log(f"[{variant}] gate {status}: SSIM {quality['ssim_mean']:.4f}, PSNR {quality['psnr_mean']:.2f} dB")
+    calibration, evaluation = references.calibration, references.evaluation
+    record = {
+        **gate,
+        "calibration": {"source": calibration.source, "samples": len(calibration.names), "method": "minmax"},
+        "evaluation": {
+            "source": evaluation.source,
+            "samples": len(evaluation.names),
+            "overlaps_calibration": bool(set(calibration.names) & set(evaluation.names)),
+        },
+        "weights": manifest.get("weights"),
+        "onnxruntime_version": ort.__version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "networks": {
+            b.network: {**b.record, "sha256": sha256_file(b.path), **errors[b.network]} for b in built
+        },
+    }
+    return record, built
+
+
+def quantize_bundle(bundle_dir: Path, options: QuantizeOptions, log: Callable[[str], None] = print) -> dict:
+    """Build every requested variant of the bundle's heavy networks, gate them, and commit files and
+    manifest into the bundle. Returns the new manifest; failed variants are recorded, not raised."""
+    manifest = read_manifest(bundle_dir)
+    for variant in options.variants:
+        if variant not in VARIANTS:
+            raise QuantizationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    config = manifest["config"]
+    weights = " [random-init weights: the images are noise]" if manifest.get("random_init") else ""
+    log(f"bundle {bundle_dir}: {config['height']}x{config['width']}{weights}")
+    references = _references(bundle_dir, manifest, options, log)
+    work_dir = bundle_dir / ".quantize.partial"  # same file system as the bundle: files move by rename
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
+    try:
+        records, files = {}, {}
+        for variant in options.variants:
+            records[variant], built = _build_variant(
+                variant, bundle_dir, manifest, options, references, work_dir, log
+            )
+            files.update({b.record["file"]: b.path for b in built})
+        return commit_variants(bundle_dir, files, records)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+
+def _progress(items: list, what: str, log: Callable[[str], None]) -> Iterator:
+    for index, item in enumerate(items, start=1):
+        yield item
+        log(f"    {what} sample {index}/{len(items)}")
+
+
+def commit_variants(bundle_dir: Path, files: dict[str, Path], variants: dict[str, dict]) -> dict:
+    """Move built variant files into the bundle and record `variants` in its manifest, so that at every
+    moment the manifest only names files that hold what it says: first a manifest without the variants
+    being replaced (and without plans built from them), then the files (each a rename), then the
+    manifest with the new records (written to a temp file and renamed)."""
+    manifest = read_manifest(bundle_dir)
+    kept = {k: v for k, v in manifest.get("variants", {}).items() if k not in variants}
+    plans = {
+        network: [p for p in entries if p.get("variant") not in variants]
+        for network, entries in manifest.get("plans", {}).items()
+    }
+    if kept != manifest.get("variants", {}) or plans != manifest.get("plans", {}):
+        write_manifest(bundle_dir, {**manifest, "variants": kept, "plans": plans})
+    for relative, source in files.items():
+        destination = bundle_dir / relative
+        staged = destination.with_name(destination.name + ".partial")
+        shutil.move(source, staged)  # a rename when `source` is on the bundle's file system
+        staged.replace(destination)
+    updated = {**manifest, "variants": {**kept, **variants}, "plans": plans}
+    write_manifest(bundle_dir, updated)
+    return updated
+
+
+def silence_onnxruntime_quantization_logs() -> None:
+    """quantize_static logs advice (pre-processing, ...) at warning level on the root logger."""
+    logging.getLogger().setLevel(logging.ERROR)

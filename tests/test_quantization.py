@@ -1,0 +1,248 @@
+"""FP16/INT8 variants of the tiny try-on bundle: files, exclusions, the quality gate, serving a variant."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from fashionserve.checkpoints import sha256_file
+from fashionserve.client import TritonModelClient
+from fashionserve.launcher import TritonServer
+from fashionserve.onnx_export import tensor_specs
+from fashionserve.quantization import (
+    HEAVY_NETWORKS,
+    OnnxPipeline,
+    QuantizeOptions,
+    Thresholds,
+    build_network_variant,
+    default_thresholds,
+    evaluate_variant,
+    exclusion_steps,
+    final_image,
+    flow_math_nodes,
+    image_quality,
+    load_samples,
+    quantize_bundle,
+)
+from fashionserve.repository import RenderError, render_repository
+from fashionserve.tryon.bundle import STAGES, read_manifest, write_manifest
+from tests.conftest import TEST_CONFIG, run_cli
+
+SIZE = (TEST_CONFIG.height, TEST_CONFIG.width)
+
+
+def copy_bundle(source: Path, dest: Path) -> Path:
+    """The session bundle is shared: every test that writes works on its own copy."""
+    shutil.copytree(source, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def quantized(tryon_bundle, tmp_path_factory) -> tuple[Path, dict]:
+    bundle = copy_bundle(tryon_bundle[0], tmp_path_factory.mktemp("quantized") / "tryon")
+    options = QuantizeOptions(calibration_samples=2, eval_samples=2)
+    manifest = quantize_bundle(bundle, options, log=lambda _: None)
+    return bundle, manifest
+
+
+@pytest.fixture(scope="module")
+def evaluation(quantized) -> tuple[OnnxPipeline, object, list[dict]]:
+    """fp32 ONNX Runtime pipeline, held-out drawn samples and their fp32 runs."""
+    bundle, manifest = quantized
+    pipeline = OnnxPipeline.from_bundle(bundle, manifest)
+    samples = load_samples(None, *SIZE, count=2, offset=8)
+    return pipeline, samples, [pipeline.run(sample) for sample in samples.inputs]
+
+
+def test_variants_sit_next_to_fp32_with_fp32_inputs_and_outputs(quantized):
+    bundle, manifest = quantized
+    assert read_manifest(bundle) == manifest
+    assert not list(bundle.rglob("*.partial"))  # nothing half-written left behind
+    for variant in ("fp16", "int8"):
+        record = manifest["variants"][variant]
+        assert record["passed"], record["reason"]
+        assert record["weights"] == "random-init"
+        assert record["evaluation"]["overlaps_calibration"] is False
+        assert set(record["quality"]) == {"ssim_mean", "ssim_min", "psnr_mean", "psnr_min"}
+        for network in HEAVY_NETWORKS:
+            entry = record["networks"][network]
+            path = bundle / entry["file"]
+            assert entry["file"] == f"{network}/model.{variant}.onnx"
+            assert entry["sha256"] == sha256_file(path)
+            assert tensor_specs(path) == tensor_specs(bundle / network / "model.onnx")
+            assert set(entry["max_abs_error"]) == set(next(s for s in STAGES if s.name == network).outputs)
+            assert all(0 <= e < 1 for e in entry["mean_abs_error"].values())
+
+
+def test_int8_is_symmetric_per_channel_qdq(quantized):
+    bundle, _ = quantized
+    model = onnx.load(str(bundle / "tryon_image_generator" / "model.int8.onnx"))
+    initializers = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    dequantize = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert dequantize and any(n.op_type == "QuantizeLinear" for n in model.graph.node)
+    per_channel = 0
+    for node in dequantize:
+        zero_point = initializers[node.input[2]]
+        assert zero_point.dtype == np.int8 and not zero_point.any()  # symmetric: TensorRT needs zero 0
+        per_channel += zero_point.size > 1
+    assert per_channel == sum(n.op_type == "Conv" for n in model.graph.node)  # one per-channel weight each
+
+
+def test_fp16_keeps_flow_math_and_normalization_fp32(quantized):
+    bundle, manifest = quantized
+    fp32 = onnx.load(str(bundle / "tryon_condition_generator" / "model.onnx"))
+    fp16 = onnx.load(str(bundle / "tryon_condition_generator" / "model.fp16.onnx"))
+    flow_nodes = flow_math_nodes(fp32)
+    assert any(n.op_type == "Resize" for n in fp32.graph.node if n.name in flow_nodes)  # flow upsampling
+    record = manifest["variants"]["fp16"]["networks"]["tryon_condition_generator"]
+    assert record["fp32_nodes_by_design"] == flow_nodes
+    assert "InstanceNormalization" in record["fp32_op_types"] and "GridSample" in record["fp32_op_types"]
+    inferred = onnx.shape_inference.infer_shapes(fp16)
+    types = {
+        v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.input]
+    }
+    grid_inputs = [n.input[1] for n in fp16.graph.node if n.op_type == "GridSample"]
+    assert grid_inputs and all(types[name] == onnx.TensorProto.FLOAT for name in grid_inputs)
+    assert any(i.data_type == onnx.TensorProto.FLOAT16 for i in fp16.graph.initializer)
+
+
+def test_gate_passes_the_variant_and_fails_it_with_perturbed_weights(quantized, evaluation, tmp_path):
+    bundle, manifest = quantized
+    pipeline, samples, runs = evaluation
+    files = {n: bundle / manifest["variants"]["fp16"]["networks"][n]["file"] for n in HEAVY_NETWORKS}
+    thresholds = default_thresholds("fp16")
+    assert evaluate_variant(pipeline, files, samples, runs, thresholds)["passed"]
+
+    model = onnx.load(str(files["tryon_image_generator"]))
+    rng = np.random.default_rng(0)
+    for initializer in model.graph.initializer:
+        weights = numpy_helper.to_array(initializer)
+        if weights.dtype == np.float16 and weights.ndim == 4:  # convolution kernels
+            noise = rng.normal(0.0, 0.3 * float(np.abs(weights).mean()), weights.shape)
+            initializer.CopyFrom(
+                numpy_helper.from_array((weights + noise).astype(np.float16), initializer.name)
+            )
+    broken = tmp_path / "broken.onnx"
+    onnx.save(model, str(broken))
+    result = evaluate_variant(pipeline, {**files, "tryon_image_generator": broken}, samples, runs, thresholds)
+    assert not result["passed"]
+    assert result["reason"].startswith("SSIM")
+    assert result["network_errors"]["tryon_image_generator"]["max_abs_error"]["image"] > 0.1
+
+
+def test_measured_exclusions_keep_the_most_sensitive_layers_fp32(quantized, evaluation, tmp_path):
+    bundle, manifest = quantized
+    pipeline, samples, runs = evaluation
+    network = "tryon_image_generator"
+    inputs = pipeline.sessions[network].get_inputs()
+    feeds = [{i.name: t.numpy() for i, t in zip(inputs, run[network][0], strict=True)} for run in runs]
+    references = [final_image(run) for run in runs]
+
+    def quality_of(session) -> dict:
+        return image_quality(
+            references, [final_image(pipeline.swapped(network, session).run(s)) for s in samples.inputs]
+        )
+
+    unreachable = Thresholds(min_ssim=1.0, min_psnr=100.0)
+    built = build_network_variant(
+        network,
+        "int8",
+        bundle / network / "model.onnx",
+        feeds,
+        quality_of,
+        unreachable,
+        0.05,
+        tmp_path,
+        lambda _: None,
+    )
+    record = built.record
+    assert (
+        [s["excluded_layers"] for s in record["exclusion_search"]]
+        == exclusion_steps(88, 0.05)
+        == [0, 1, 2, 4]
+    )
+    kept = record["fp32_nodes_by_measurement"]
+    assert len(kept) == record["chosen_excluded_layers"] > 0
+    assert [k["sqnr_db"] for k in kept] == sorted(k["sqnr_db"] for k in kept)  # least robust first
+    model = onnx.load(str(built.path))
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "Conv":
+            quantized_input = producers[node.input[0]].op_type == "DequantizeLinear"
+            assert quantized_input == (node.name not in {k["node"] for k in kept}), node.name
+
+
+def test_exclusion_steps_double_up_to_the_budget():
+    assert exclusion_steps(100, 0.25) == [0, 1, 2, 4, 8, 16, 25]
+    assert exclusion_steps(3, 0.25) == [0]
+
+
+def test_samples_from_a_dataset_folder_wrap_round_its_pairs(samples_dir):
+    calibration = load_samples(samples_dir, *SIZE, count=3)
+    assert calibration.source == str(samples_dir)
+    assert calibration.names[0] == calibration.names[2]  # the folder has 2 pairs
+    assert calibration.inputs[0]["cloth"].shape == (*SIZE, 3)
+    with pytest.raises(Exception, match="the bundle expects 512x384"):
+        load_samples(samples_dir, 512, 384, count=1)
+
+
+def test_render_serves_a_variant_and_refuses_a_failed_one(quantized, tmp_path):
+    bundle, manifest = quantized
+    render_repository(bundle, manifest, tmp_path / "int8", target="cpu", variant="int8")
+    for stage in STAGES:
+        served = (tmp_path / "int8" / stage.name / "1" / "model.onnx").read_bytes()
+        expected = "model.int8.onnx" if stage.name in HEAVY_NETWORKS else "model.onnx"
+        assert served == (bundle / stage.name / expected).read_bytes(), stage.name
+
+    failed = json.loads(json.dumps(manifest))
+    failed["variants"]["int8"].update(passed=False, reason="SSIM 0.9 < 0.95")
+    with pytest.raises(RenderError, match=r"int8 variant failed its quality gate \(SSIM 0.9 < 0.95\)"):
+        render_repository(bundle, failed, tmp_path / "refused", target="cpu", variant="int8")
+    assert not (tmp_path / "refused").exists()
+    render_repository(bundle, failed, tmp_path / "forced", target="cpu", variant="int8", force=True)
+    del failed["variants"]["int8"]
+    with pytest.raises(RenderError, match="no int8 variant"):
+        render_repository(bundle, failed, tmp_path / "missing", target="cpu", variant="int8")
+
+
+def test_int8_served_by_triton_is_close_to_fp32(quantized, evaluation, tmp_path):
+    bundle, manifest = quantized
+    _, samples, runs = evaluation
+    repository = tmp_path / "repository"
+    render_repository(bundle, manifest, repository, target="cpu", variant="int8")
+    batch = {name: np.stack([s[name] for s in samples.inputs]) for name in STAGES[0].inputs}
+    with TritonServer(repository=repository) as server:
+        client = TritonModelClient(server.grpc_url, "tryon", "grpc")
+        served = client.infer(batch)["tryon_image"]
+        client.close()
+    quality = image_quality([final_image(run) for run in runs], list(served))
+    assert quality["ssim_mean"] >= default_thresholds("int8").min_ssim, quality
+    assert not np.array_equal(served[0], final_image(runs[0]))  # it is the int8 network that served
+
+
+def test_cli_records_a_failed_gate_and_exits_2_with_one_line(tryon_bundle, tmp_path):
+    bundle = copy_bundle(tryon_bundle[0], tmp_path / "tryon")
+    manifest = read_manifest(bundle)
+    write_manifest(bundle, {**manifest, "note": "kept"})
+    result = run_cli(
+        "export/quantize.py", str(bundle), "--variants", "fp16", "--calibration-samples", "1",
+        "--eval-samples", "1", "--min-ssim-fp16", "1.01", "--max-excluded-fraction", "0",
+    )  # fmt: skip
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: quality gate failed: fp16 (SSIM")
+    assert "[fp16] tryon_image_generator" in result.stdout  # progress is shown
+    recorded = read_manifest(bundle)
+    assert recorded["note"] == "kept" and recorded["variants"]["fp16"]["passed"] is False
+    assert (bundle / "tryon_image_generator" / "model.fp16.onnx").is_file()
+
+
+def test_cli_refuses_a_missing_calibration_folder(tryon_bundle, tmp_path):
+    bundle = copy_bundle(tryon_bundle[0], tmp_path / "tryon")
+    result = run_cli("export/quantize.py", str(bundle), "--calibration-dir", str(tmp_path / "none"))
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: missing pairs file") and result.stderr.count("\n") == 1
