@@ -158,7 +158,8 @@ def _render_into(
             plans = variant_plans(manifest, name, variant)
             if not plans:
                 raise RenderError(
-                    f"{name}: the bundle has no {variant} TensorRT plan; build it with export/build_plans.py"
+                    f"{name}: no TensorRT plan of its {variant} model in the bundle; "
+                    "build one with export/build_plans.py on the GPU host"
                 )
             # one plan per GPU architecture; Triton loads the one of the GPU it runs on
             for capability, plan in sorted(plans.items()):
