@@ -1,8 +1,7 @@
 """Export the HR-VITON try-on pipeline to a bundle of parity-checked ONNX files and a manifest.
 
 Examples:
-  python export/tryon.py --condition-checkpoint mtviton.pth --image-checkpoint gen.pth \
-      --out work/bundles/tryon
+  python export/tryon.py --condition-checkpoint mtviton.pth --image-checkpoint gen.pth --out OUT
   python export/tryon.py --random-init --seed 0 --resolution 512x384 --out work/bundles/tryon-demo
 """
 
