@@ -41,12 +41,12 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from fashionserve.checkpoints import sha256_file
 from fashionserve.onnx_export import run_onnx
+from fashionserve.plans import HEAVY_NETWORKS
 from fashionserve.tryon.bundle import STAGES, read_manifest, stage_inputs, write_manifest
 from fashionserve.tryon.dataset import PAIRS_FILE, load_tryon_inputs, read_pairs
 from fashionserve.tryon.samples import write_sample_set
 
 VARIANTS = ("fp16", "int8")
-HEAVY_NETWORKS = ("tryon_condition_generator", "tryon_image_generator")
 DEFAULT_MIN_SSIM = {"fp16": 0.98, "int8": 0.95}
 DEFAULT_MIN_PSNR = {"fp16": 30.0, "int8": 25.0}
 DEFAULT_MAX_EXCLUDED_FRACTION = 0.25
