@@ -52,6 +52,7 @@ DEFAULT_MIN_PSNR = {"fp16": 30.0, "int8": 25.0}
 DEFAULT_MAX_EXCLUDED_FRACTION = 0.25
 PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; JSON has no infinity
 SQNR_CAP_DB = 999.0
+MEASURE_BUDGET_BYTES = 2 << 30  # intermediate tensors handed back per run while measuring sensitivity
 
 # Kept in fp32 by design (FP16): normalization statistics, sampling/flow math, argmax and softmax;
 # onnxconverter-common's own block list (ops without fp16 kernels) stays in too.
@@ -166,10 +167,8 @@ def _drawn_samples(height: int, width: int, count: int, offset: int) -> SampleSe
 # The pipeline in ONNX Runtime
 
 
-def open_session(path: Path | str, optimize: bool = True) -> ort.InferenceSession:
+def open_session(path: Path | str) -> ort.InferenceSession:
     options = ort.SessionOptions()
-    if not optimize:  # keep every Q/DQ node as written, so measured tensors are what the model computes
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3  # ORT's own warnings (e.g. about unused initializers) are not ours
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -262,17 +261,6 @@ def _sqnr_db(signal: float, noise: float) -> float:
     if noise == 0.0:
         return SQNR_CAP_DB
     return _finite_db(10.0 * math.log10(max(signal, 1e-30) / noise))
-
-
-def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> bytes:
-    """`model` with extra float graph outputs, so intermediate tensors can be read."""
-    model = copy.deepcopy(model)
-    present = {o.name for o in model.graph.output}
-    for name in names:
-        if name not in present:
-            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-            present.add(name)
-    return model.SerializeToString()
 
 
 def _float_outputs(model: onnx.ModelProto) -> set[str]:
@@ -412,36 +400,70 @@ def quantize_int8(
     )
 
 
+def _tensor_bytes(model: onnx.ModelProto) -> dict[str, int]:
+    """Bytes per sample of each float tensor whose shape inference knows (the batch dimension is 1)."""
+    inferred = onnx.shape_inference.infer_shapes(model)
+    sizes = {}
+    for value in [*inferred.graph.value_info, *inferred.graph.output]:
+        dims = value.type.tensor_type.shape.dim
+        sizes[value.name] = 4 * math.prod(d.dim_value if d.HasField("dim_value") else 1 for d in dims)
+    return sizes
+
+
+def _chunks(pairs: dict[str, tuple[str, str | None]], sizes: dict[str, int], budget: int) -> Iterator[dict]:
+    """Split `pairs` so that the tensors one run must hand back stay within `budget` bytes per sample."""
+    chunk: dict[str, tuple[str, str | None]] = {}
+    used = 0
+    for key, pair in pairs.items():
+        cost = sum(sizes.get(name, 0) for name in pair if name is not None)
+        if chunk and used + cost > budget:
+            yield chunk
+            chunk, used = {}, 0
+        chunk[key] = pair
+        used += cost
+    if chunk:
+        yield chunk
+
+
 def _accumulate_sqnr(
-    model_bytes: bytes,
+    model: onnx.ModelProto,
     feeds: list[dict[str, np.ndarray]],
     pairs: dict[str, tuple[str, str | None]],
     optimize: bool,
+    budget: int = MEASURE_BUDGET_BYTES,
 ) -> dict[str, float]:
     """SQNR (dB) per key over all feeds, for pairs (signal tensor, noisy tensor); a noisy tensor None
-    means the signal's own fp16 round trip."""
-    session = open_session_bytes(model_bytes, optimize)
-    names = sorted({n for pair in pairs.values() for n in pair if n is not None})
+    means the signal's own fp16 round trip. Runs the model once per chunk of tensors: at 1024x768 all
+    intermediate tensors of one sample would not fit in memory at once."""
     signal = dict.fromkeys(pairs, 0.0)
     noise = dict.fromkeys(pairs, 0.0)
-    for feed in feeds:
-        values = dict(zip(names, session.run(names, feed), strict=True))
-        for key, (clean, noisy) in pairs.items():
-            x = values[clean].astype(np.float64)
-            with np.errstate(over="ignore", invalid="ignore"):
-                y = values[clean].astype(np.float16) if noisy is None else values[noisy]
-                difference = x - y.astype(np.float64)
-            signal[key] += float(np.sum(x * x))
-            noise[key] += float(np.sum(difference * difference))
+    for chunk in _chunks(pairs, _tensor_bytes(model), budget):
+        names = sorted({n for pair in chunk.values() for n in pair if n is not None})
+        session = _session_with_outputs(model, names, optimize)
+        for feed in feeds:
+            values = dict(zip(names, session.run(names, feed), strict=True))
+            for key, (clean, noisy) in chunk.items():
+                x = values[clean].astype(np.float64)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    y = values[clean].astype(np.float16) if noisy is None else values[noisy]
+                    difference = x - y.astype(np.float64)
+                signal[key] += float(np.sum(x * x))
+                noise[key] += float(np.sum(difference * difference))
     return {key: _sqnr_db(signal[key], noise[key]) for key in pairs}
 
 
-def open_session_bytes(model_bytes: bytes, optimize: bool) -> ort.InferenceSession:
+def _session_with_outputs(model: onnx.ModelProto, names: list[str], optimize: bool) -> ort.InferenceSession:
+    """A session of `model` that also hands back the float tensors `names`."""
+    model = copy.deepcopy(model)
+    present = {o.name for o in model.graph.output}
+    for name in names:
+        if name not in present:
+            model.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
     options = ort.SessionOptions()
-    if not optimize:
+    if not optimize:  # keep every Q/DQ node as written, so measured tensors are what the model computes
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
-    return ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
 
 def fp16_sensitivity(
@@ -455,7 +477,7 @@ def fp16_sensitivity(
         outputs = [o for o in by_name[name].output if o in floats]
         for output in outputs:
             pairs[f"{name}\0{output}"] = (output, None)
-    per_tensor = _accumulate_sqnr(_with_outputs(model, (p[0] for p in pairs.values())), feeds, pairs, True)
+    per_tensor = _accumulate_sqnr(model, feeds, pairs, optimize=True)
     return _min_per_node(per_tensor)
 
 
@@ -479,7 +501,7 @@ def int8_sensitivity(
         for tensor in (node.input[0], *node.output):
             if tensor in activation_pairs:
                 pairs[f"{name}\0{tensor}"] = (tensor, activation_pairs[tensor])
-    scores = _accumulate_sqnr(_with_outputs(qdq, (t for p in pairs.values() for t in p)), feeds, pairs, False)
+    scores = _accumulate_sqnr(qdq, feeds, pairs, optimize=False)
     weights = compute_weight_error(create_weight_matching(str(float_path), str(qdq_path)))
     for name in candidates:
         weight = by_name[name].input[1]
