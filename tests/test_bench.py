@@ -1,0 +1,49 @@
+"""bench/pipeline.py as a user runs it, on the test bundle with one timed call per backend and batch."""
+
+import json
+from pathlib import Path
+
+from tests.conftest import run_cli
+
+BACKENDS = ("pytorch-eager", "onnxruntime", "triton-grpc")
+
+
+def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_bundle) -> None:
+    bundle, _ = tryon_bundle
+    out = tmp_path / "report"
+    args = (
+        "--bundle",
+        str(bundle),
+        "--batches",
+        "1,2",
+        "--iterations",
+        "1",
+        "--rounds",
+        "1",
+        "--warmup",
+        "1",
+    )
+    result = run_cli("bench/pipeline.py", *args, "--out", str(out), "--name", "smoke", timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    numbers = json.loads((out / "smoke.json").read_text())
+    rows = {(r["backend"], r["batch"]): r for r in numbers["results"]}
+    assert set(rows) == {(backend, batch) for backend in BACKENDS for batch in (1, 2)}
+    for row in rows.values():
+        assert row["iterations"] == 1 and row["throughput_images_per_s"] > 0 and row["peak_memory_mb"] > 0
+        assert row["max_diff"] <= 2  # every backend computes the same images (uint8 levels)
+    assert numbers["settings"]["weights"].startswith("random-init")
+
+    report = (out / "smoke.md").read_text()
+    assert all(f"| {backend} | 1 |" in report for backend in BACKENDS)
+    assert "Ensemble overhead over the bare networks" in report and "Goal >= 1.5x" in report
+    assert (out / "smoke.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pipeline_benchmark_missing_bundle_is_one_line(tmp_path: Path) -> None:
+    result = run_cli("bench/pipeline.py", "--bundle", str(tmp_path / "nope"), "--out", str(tmp_path))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: not a bundle (no manifest.json): {tmp_path / 'nope'}"
+    ]
+    assert not list(tmp_path.iterdir())
