@@ -52,7 +52,7 @@ DEFAULT_MIN_PSNR = {"fp16": 30.0, "int8": 25.0}
 DEFAULT_MAX_EXCLUDED_FRACTION = 0.25
 PSNR_CAP_DB = 100.0  # PSNR of identical images is infinite; JSON has no infinity
 SQNR_CAP_DB = 999.0
-MEASURE_BUDGET_BYTES = 2 << 30  # intermediate tensors handed back per run while measuring sensitivity
+MEASURE_BUDGET_BYTES = 1 << 30  # intermediate tensors handed back per run while measuring sensitivity
 
 # Kept in fp32 by design (FP16): normalization statistics, sampling/flow math, argmax and softmax;
 # onnxconverter-common's own block list (ops without fp16 kernels) stays in too.
@@ -443,13 +443,29 @@ def _accumulate_sqnr(
         for feed in feeds:
             values = dict(zip(names, session.run(names, feed), strict=True))
             for key, (clean, noisy) in chunk.items():
-                x = values[clean].astype(np.float64)
-                with np.errstate(over="ignore", invalid="ignore"):
-                    y = values[clean].astype(np.float16) if noisy is None else values[noisy]
-                    difference = x - y.astype(np.float64)
-                signal[key] += float(np.sum(x * x))
-                noise[key] += float(np.sum(difference * difference))
+                s, n = _signal_and_noise(values[clean], None if noisy is None else values[noisy])
+                signal[key] += s
+                noise[key] += n
+        del session  # release its buffers before the next chunk's session
     return {key: _sqnr_db(signal[key], noise[key]) for key in pairs}
+
+
+def _signal_and_noise(
+    clean: np.ndarray, noisy: np.ndarray | None, block: int = 1 << 22
+) -> tuple[float, float]:
+    """Sum of squares of `clean` and of `clean - noisy` (noisy None: its fp16 round trip), in float64,
+    a block at a time so a 1024x768 activation needs no full-size float64 copies."""
+    flat = clean.reshape(-1)
+    other = None if noisy is None else noisy.reshape(-1)
+    signal = noise = 0.0
+    for start in range(0, flat.size, block):
+        x = flat[start : start + block].astype(np.float64)
+        with np.errstate(over="ignore", invalid="ignore"):
+            y = x.astype(np.float16) if other is None else other[start : start + block]
+            difference = x - y.astype(np.float64)
+        signal += float(np.dot(x, x))
+        noise += float(np.dot(difference, difference))
+    return signal, noise
 
 
 def _session_with_outputs(model: onnx.ModelProto, names: list[str], optimize: bool) -> ort.InferenceSession:
@@ -462,6 +478,7 @@ def _session_with_outputs(model: onnx.ModelProto, names: list[str], optimize: bo
     options = ort.SessionOptions()
     if not optimize:  # keep every Q/DQ node as written, so measured tensors are what the model computes
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    options.enable_cpu_mem_arena = False  # an arena would keep this run's peak until the session goes
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 
