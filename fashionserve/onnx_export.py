@@ -37,13 +37,21 @@ def export_onnx(
     input_names: list[str],
     output_names: list[str],
     max_batch: int,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
 ) -> None:
     """Export `module` (eval mode) to `path` with the torch.export-based exporter, a dynamic batch
-    dimension 1..max_batch, opset OPSET, then run the ONNX checker. Writes `path` atomically."""
+    dimension 1..max_batch, opset OPSET, then run the ONNX checker. Writes `path` atomically.
+    `dynamic_axes` names further dynamic dimensions per input ({"image": {1: "height", 2: "width"}});
+    inputs sharing a name share the dimension."""
     logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # e.g. "torchvision is not installed" notes
     module.eval()  # the exporter restores the outer module's mode on its children: set it on the outermost
     batch = torch.export.Dim("batch", min=1, max=max_batch)
-    dynamic_shapes = tuple({0: batch} for _ in example_inputs)
+    axes = dynamic_axes or {}
+    named = {name: torch.export.Dim(name, min=2) for dims in axes.values() for name in dims.values()}
+    dynamic_shapes = tuple(
+        {0: batch, **{axis: named[name] for axis, name in axes.get(input_name, {}).items()}}
+        for input_name, _ in zip(input_names, example_inputs, strict=True)
+    )
     tmp = path.with_suffix(".onnx.tmp")
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
@@ -64,11 +72,15 @@ def export_onnx(
 
 
 def tensor_specs(path: Path) -> tuple[list[TensorSpec], list[TensorSpec]]:
-    """Inputs and outputs of an ONNX file, each shape without its (dynamic) batch dimension."""
+    """Inputs and outputs of an ONNX file, each shape without its (dynamic) batch dimension; other
+    dynamic dimensions are -1."""
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
     def specs(args: list) -> list[TensorSpec]:
-        return [TensorSpec(a.name, _ORT_TYPES[a.type], tuple(int(d) for d in a.shape[1:])) for a in args]
+        def dims(shape: list) -> tuple[int, ...]:
+            return tuple(d if isinstance(d, int) else -1 for d in shape[1:])
+
+        return [TensorSpec(a.name, _ORT_TYPES[a.type], dims(a.shape)) for a in args]
 
     return specs(session.get_inputs()), specs(session.get_outputs())
 
