@@ -1,31 +1,40 @@
-"""Locust load test: users that send real try-on inputs to a Triton ensemble through tritonclient.
+"""Locust load test: users that send real inputs to a Triton ensemble through tritonclient.
 
     locust -f tests/load.py                                   # web UI on http://localhost:8089
     locust -f tests/load.py --headless -u 4 -r 2 -t 60s --csv work/load/out
     locust -f tests/load.py --headless -u 2 -t 30s --protocol grpc --host 127.0.0.1:8001 --batch 2
+    locust -f tests/load.py --headless -u 8 -t 30s --model garment_classifier --batch 4
 
 Every user opens its own connection and sends its next request as soon as the last one returned
 (closed loop), so `-u` is the number of concurrent requests. Each call is reported through Locust's
 request events (type = protocol, name = `<model> batch=<n>`); a failure carries Triton's error text.
+What is sent follows the served model's inputs (read from its metadata):
+
+  tryon                try-on pairs: the drawn sample set at the model's resolution, or the pairs of
+                       a VITON-HD folder (--dataroot)
+  garment_classifier   product photos: drawn ones (256x192, one per class), or the cloth images of
+                       the pairs of a VITON-HD folder (--dataroot)
+  fashion_generator    latent vectors drawn from N(0, I) with seed 1, as client/generate.py draws them
 
 Options (Locust's custom arguments, also shown in the web UI):
   --model NAME        ensemble to load (default tryon)
   --protocol P        http (default) or grpc
-  --batch N           pairs per request (default 1; at most the model's max batch)
-  --dataroot DIR      VITON-HD-layout folder with <split>_pairs.txt; default: the drawn sample set,
-                      generated in memory at the served model's resolution (read from its metadata)
+  --batch N           samples per request (default 1; at most the model's max batch)
+  --dataroot DIR      VITON-HD-layout folder with <split>_pairs.txt (default: drawn inputs)
   --split NAME        sub-folder of DATAROOT (default test)
-  --max-pairs N       pairs of DATAROOT held in memory and cycled through (default 8)
+  --samples N         inputs held in memory and cycled through (default 10)
 --host is the Triton address (host:port; an http:// or grpc:// prefix is dropped); without it the
 embedded default is used: 127.0.0.1:8000 for http, 127.0.0.1:8001 for grpc (as quickstart.sh starts it).
 """
 
+import argparse
 import itertools
 import logging
 import math
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import gevent
@@ -34,12 +43,13 @@ import gevent.monkey
 import numpy as np
 from locust import User, constant, events, task
 from locust.stats import CSV_STATS_INTERVAL_SEC
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust` does not put the checkout on the path
 
+from fashionserve.catalogue.synthetic import draw_product_photo  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
-from fashionserve.tryon.bundle import STAGES  # noqa: E402
-from fashionserve.tryon.dataset import DatasetError, load_tryon_inputs, read_pairs  # noqa: E402
+from fashionserve.tryon.dataset import DatasetError, cloth_files, load_tryon_inputs, read_pairs  # noqa: E402
 from fashionserve.tryon.samples import write_sample_set  # noqa: E402
 
 if gevent.monkey.is_module_patched("socket"):
@@ -49,26 +59,23 @@ if gevent.monkey.is_module_patched("socket"):
 
     grpc.experimental.gevent.init_gevent()
 
-logger = logging.getLogger("tryon-load")
-TRYON_INPUTS = STAGES[0].inputs
-Batch = dict[str, np.ndarray]
+logger = logging.getLogger("fashionserve-load")
+Sample = dict[str, np.ndarray]  # one input of the model, without the batch dimension
+TRYON_INPUTS = ("cloth", "cloth_mask", "agnostic", "densepose", "parse_agnostic")  # the README's contract
+PHOTO_SIZE = (256, 192)  # drawn product photos (the classifier takes any size)
+PHOTO_CLASSES = 10
+LATENT_SEED = 1  # client/generate.py's default
 
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
-    group = parser.add_argument_group("try-on load test (tests/load.py)")
+    group = parser.add_argument_group("fashionserve load test (tests/load.py)")
     group.add_argument("--model", default="tryon", help="ensemble to load (default tryon)")
     group.add_argument("--protocol", choices=PROTOCOLS, default="http", help="http (default) or grpc")
-    group.add_argument("--batch", type=int, default=1, help="pairs per request (default 1)")
-    group.add_argument(
-        "--dataroot",
-        default="",
-        help="VITON-HD-layout folder; default: the drawn sample set at the model's resolution",
-    )
+    group.add_argument("--batch", type=int, default=1, help="samples per request (default 1)")
+    group.add_argument("--dataroot", default="", help="VITON-HD-layout folder (default: drawn inputs)")
     group.add_argument("--split", default="test", help="sub-folder of --dataroot (default test)")
-    group.add_argument(
-        "--max-pairs", type=int, default=8, help="pairs of --dataroot held in memory (default 8)"
-    )
+    group.add_argument("--samples", type=int, default=10, help="inputs held in memory (default 10)")
 
 
 def triton_address(host: str | None, protocol: str) -> str:
@@ -78,48 +85,88 @@ def triton_address(host: str | None, protocol: str) -> str:
     return host.split("://", 1)[-1].rstrip("/")
 
 
-def _load_pairs(client: TritonModelClient, dataroot: str, split: str, max_pairs: int) -> list[Batch]:
-    """Inputs of one pair each, from DATAROOT or from the sample set drawn at the model's resolution."""
-    if dataroot:
-        root = Path(dataroot)
-        pairs = read_pairs(root / f"{split}_pairs.txt")[:max_pairs]
-        if not pairs:
-            raise DatasetError(f"no pairs in {root / f'{split}_pairs.txt'}")
-        return [load_tryon_inputs(root, person, cloth, split) for person, cloth in pairs]
+def _pairs(options: argparse.Namespace) -> list[tuple[str, str]]:
+    pairs_file = Path(options.dataroot) / f"{options.split}_pairs.txt"
+    pairs = read_pairs(pairs_file)[: options.samples]
+    if not pairs:
+        raise DatasetError(f"no pairs in {pairs_file}")
+    return pairs
+
+
+def tryon_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
+    """Try-on pairs from DATAROOT, or from the sample set drawn at the model's resolution."""
+    if options.dataroot:
+        root = Path(options.dataroot)
+        return [load_tryon_inputs(root, person, cloth, options.split) for person, cloth in _pairs(options)]
     height, width = next(spec.shape[:2] for spec in client.inputs if spec.name == "cloth")
-    with tempfile.TemporaryDirectory(prefix="tryon-load-") as tmp:  # nothing stays on disk
+    with tempfile.TemporaryDirectory(prefix="fashionserve-load-") as tmp:  # nothing stays on disk
         pairs = write_sample_set(Path(tmp), height=height, width=width)
         return [load_tryon_inputs(Path(tmp), person, cloth) for person, cloth in pairs]
 
 
-def make_batches(pairs: list[Batch], batch: int) -> list[Batch]:
-    """The distinct requests of `batch` pairs each that cycling through `pairs` yields."""
-    count = len(pairs) // math.gcd(len(pairs), batch)
-    cycle = itertools.cycle(pairs)
+def photo_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
+    """Product photos: the cloth images of DATAROOT's pairs, or drawn ones (one per class)."""
+    if not options.dataroot:
+        return [
+            {"image": draw_product_photo(label, *PHOTO_SIZE, seed=label)} for label in range(PHOTO_CLASSES)
+        ]
+    photos = []
+    for _, cloth in _pairs(options):
+        path = cloth_files(Path(options.dataroot) / options.split, cloth)["cloth image"]
+        try:
+            with Image.open(path) as image:
+                photos.append({"image": np.asarray(image.convert("RGB"))})
+        except OSError as exc:
+            raise DatasetError(f"cannot read cloth image {path}: {exc}") from None
+    if options.batch > 1 and len({photo["image"].shape for photo in photos}) > 1:
+        raise DatasetError(f"the cloth images under {options.dataroot} differ in size; use --batch 1")
+    return photos
+
+
+def latent_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
+    """Latent vectors drawn from N(0, I)."""
+    if options.dataroot:
+        raise ClientError(f"model '{client.model}' takes latent vectors; --dataroot is not used with it")
+    (dimension,) = client.inputs[0].shape
+    latents = np.random.default_rng(LATENT_SEED).standard_normal((options.samples, dimension))
+    return [{"latents": vector} for vector in latents.astype(np.float32)]
+
+
+# the inputs a model takes -> where its samples come from
+SOURCES: dict[frozenset[str], Callable[[TritonModelClient, argparse.Namespace], list[Sample]]] = {
+    frozenset(TRYON_INPUTS): tryon_samples,
+    frozenset({"image"}): photo_samples,
+    frozenset({"latents"}): latent_samples,
+}
+
+
+def make_batches(samples: list[Sample], batch: int) -> list[dict[str, np.ndarray]]:
+    """The distinct requests of `batch` samples each that cycling through `samples` yields."""
+    count = len(samples) // math.gcd(len(samples), batch)
+    cycle = itertools.cycle(samples)
     chunks = ([next(cycle) for _ in range(batch)] for _ in range(count))
-    return [{name: np.stack([pair[name] for pair in chunk]) for name in TRYON_INPUTS} for chunk in chunks]
+    return [{name: np.stack([sample[name] for sample in chunk]) for name in samples[0]} for chunk in chunks]
 
 
-_workloads: dict[tuple, list[Batch]] = {}
+_workloads: dict[tuple, list[dict[str, np.ndarray]]] = {}
 _workload_lock = gevent.lock.BoundedSemaphore()  # users start together; load the inputs once
 
 
-def _workload(client: TritonModelClient, address: str, options) -> list[Batch]:
-    if options.batch < 1:
-        raise ClientError(f"--batch must be at least 1, got {options.batch}")
-    if options.max_pairs < 1:
-        raise ClientError(f"--max-pairs must be at least 1, got {options.max_pairs}")
-    names = {spec.name for spec in client.inputs}
-    if names != set(TRYON_INPUTS):
+def _workload(
+    client: TritonModelClient, address: str, options: argparse.Namespace
+) -> list[dict[str, np.ndarray]]:
+    if options.batch < 1 or options.samples < 1:
+        raise ClientError(f"--batch and --samples must be at least 1, got {options.batch}, {options.samples}")
+    names = frozenset(spec.name for spec in client.inputs)
+    if names not in SOURCES:
+        known = "; ".join(", ".join(sorted(inputs)) for inputs in SOURCES)
         raise ClientError(
-            f"model '{client.model}' takes inputs {sorted(names)}; this load test sends the try-on "
-            f"contract {sorted(TRYON_INPUTS)}"
+            f"model '{client.model}' takes inputs {sorted(names)}; this load test sends: {known}"
         )
-    key = (address, client.model, options.dataroot, options.split, options.max_pairs, options.batch)
+    key = (address, client.model, options.dataroot, options.split, options.samples, options.batch)
     with _workload_lock:
         if key not in _workloads:
-            pairs = _load_pairs(client, options.dataroot, options.split, options.max_pairs)
-            _workloads[key] = make_batches(pairs, options.batch)
+            _workloads[key] = make_batches(SOURCES[names](client, options)[: options.samples], options.batch)
     return _workloads[key]
 
 

@@ -5,12 +5,24 @@ Locust runs in a subprocess: importing it here would gevent-monkey-patch the pyt
 
 import csv
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from fashionserve.bundle import read_manifest
+from fashionserve.catalogue.bundles import (
+    export_classifier_bundle,
+    export_generator_bundle,
+    load_fashion_generator,
+    load_garment_classifier,
+)
+from fashionserve.catalogue.classifier import ClassifierConfig
+from fashionserve.catalogue.pggan import PGGANConfig
+from fashionserve.launcher import TritonServer
+from fashionserve.repository import render_repository
 from tests.conftest import PROJECT_ROOT
 
 LOCUSTFILE = PROJECT_ROOT / "tests" / "load.py"
@@ -40,17 +52,30 @@ def read_csv(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(file))
 
 
-@pytest.mark.parametrize(
-    ("protocol", "batch"),
-    [("http", 1), ("grpc", 2)],
-)
-def test_headless_run_has_no_failures(tmp_path: Path, tryon_server, protocol: str, batch: int) -> None:
-    host = tryon_server.http_url if protocol == "http" else tryon_server.grpc_url
-    result = run_locust(tmp_path, host, "--protocol", protocol, "--batch", str(batch))
-    assert result.returncode == 0, result.stderr[-3000:]
+@pytest.fixture(scope="module")
+def catalogue_server(tmp_path_factory: pytest.TempPathFactory):
+    """Triton serving small random-init garment classifier and fashion generator pipelines."""
+    root = tmp_path_factory.mktemp("load-catalogue")
+    classifier, provenance = load_garment_classifier(None, ClassifierConfig(width=8, hidden=32), seed=0)
+    export_classifier_bundle(classifier, provenance, root / "garment_classifier", log=lambda _: None)
+    config = PGGANConfig.for_resolution(16, max_channels=32, latent_dim=32)
+    generator, provenance = load_fashion_generator(None, config, seed=0)
+    export_generator_bundle(generator, provenance, root / "fashion_generator", log=lambda _: None)
+    repository = root / "repository"
+    repository.mkdir()
+    for bundle in (root / "garment_classifier", root / "fashion_generator"):
+        staging = root / "rendered" / bundle.name
+        for name in render_repository(bundle, read_manifest(bundle), staging, target="cpu"):
+            shutil.move(staging / name, repository / name)
+    with TritonServer(repository=repository) as server:
+        yield server
 
+
+def assert_clean_run(result: subprocess.CompletedProcess, tmp_path: Path, protocol: str, name: str) -> None:
+    """Exit 0, no failure in the CSV files, and every user completed at least one request."""
+    assert result.returncode == 0, result.stderr[-3000:]
     stats = {row["Name"]: row for row in read_csv(tmp_path / "out_stats.csv")}
-    row = stats[f"tryon batch={batch}"]
+    row = stats[name]
     assert row["Type"] == protocol
     assert int(row["Failure Count"]) == 0
     assert int(row["Request Count"]) >= USERS
@@ -59,6 +84,32 @@ def test_headless_run_has_no_failures(tmp_path: Path, tryon_server, protocol: st
     counts = dict(re.findall(r"user (\d+): (\d+) requests completed, 0 failed", result.stderr))
     assert sorted(counts) == [str(n) for n in range(1, USERS + 1)], result.stderr[-3000:]
     assert all(int(count) >= 1 for count in counts.values())
+
+
+@pytest.mark.parametrize(("protocol", "batch", "folder"), [("http", 1, False), ("grpc", 2, True)])
+def test_tryon_headless_run_has_no_failures(
+    tmp_path: Path, tryon_server, samples_dir: Path, protocol: str, batch: int, folder: bool
+) -> None:
+    """Drawn samples over HTTP; a VITON-HD-layout folder over gRPC (under gevent)."""
+    host = tryon_server.http_url if protocol == "http" else tryon_server.grpc_url
+    data = ("--dataroot", str(samples_dir)) if folder else ()
+    result = run_locust(tmp_path, host, "--protocol", protocol, "--batch", str(batch), *data)
+    assert_clean_run(result, tmp_path, protocol, f"tryon batch={batch}")
+
+
+@pytest.mark.parametrize(
+    ("model", "folder"),
+    [("garment_classifier", False), ("garment_classifier", True), ("fashion_generator", False)],
+)
+def test_catalogue_headless_run_has_no_failures(
+    tmp_path: Path, catalogue_server, samples_dir: Path, model: str, folder: bool
+) -> None:
+    """Drawn photos or a VITON-HD folder's cloth images for the classifier; latents for the generator."""
+    data = ("--dataroot", str(samples_dir)) if folder else ()
+    result = run_locust(
+        tmp_path, catalogue_server.http_url, "--model", model, "--batch", "2", *data, run_time="5s"
+    )
+    assert_clean_run(result, tmp_path, "http", f"{model} batch=2")
 
 
 def test_unknown_model_is_one_failure_per_user_with_the_reason(tmp_path: Path, tryon_server) -> None:
