@@ -8,6 +8,10 @@ BODY_25 keypoints, unless ready agnostic images are given (--agnostic-dir, or --
 Inputs are checked against the served model (size, dtype, batch, label range) before anything is
 sent; --resize scales them to the model's resolution instead of refusing them.
 
+Garment gate: when the server also serves `garment_classifier`, every garment photo is classified first
+and a garment confidently classified as not upper-body (trousers, dresses, shoes, bags) is refused,
+naming the predicted class and confidence; --no-gate skips the check.
+
 Examples:
   python client/tryon.py --dataroot work/samples --out work/results
   python client/tryon.py --dataroot DATA --pair 00006_00.jpg 01430_00.jpg --protocol http --url 127.0.0.1:8000
@@ -26,6 +30,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from fashionserve.catalogue.gate import DEFAULT_THRESHOLD, GATE_MODEL, classify  # noqa: E402
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError, load_tryon_files, load_tryon_inputs, read_pairs  # noqa: E402
@@ -75,6 +80,19 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=1, help="pairs per request (default 1)")
     parser.add_argument("--resize", action="store_true", help="resize inputs to the model's resolution")
     parser.add_argument("--out", type=Path, required=True, help="folder for <person>_<cloth>.png results")
+    gate = parser.add_argument_group(f"garment gate (when the server serves {GATE_MODEL})")
+    gate.add_argument(
+        "--gate",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="refuse garments classified as not upper-body (default on; --no-gate overrides)",
+    )
+    gate.add_argument(
+        "--gate-threshold",
+        type=float,
+        default=DEFAULT_THRESHOLD,
+        help=f"confidence from which a not-upper-body verdict refuses (default {DEFAULT_THRESHOLD})",
+    )
     args = parser.parse_args()
     explicit = {key: getattr(args, option.replace("-", "_")) for option, key in EXPLICIT_FILES.items()}
     if args.dataroot is None and not any(explicit.values()):
@@ -114,6 +132,27 @@ def _resize(name: str, array: np.ndarray, height: int, width: int) -> np.ndarray
     return np.asarray(Image.fromarray(array).resize((width, height), resample))
 
 
+def open_gate(args: argparse.Namespace, client: TritonModelClient) -> TritonModelClient | None:
+    """A client of the garment classifier when the gate is on and the server has it, else None."""
+    if not args.gate:
+        return None
+    if not client.server_has(GATE_MODEL):
+        print(f"gate: {GATE_MODEL} is not served here; garments are not checked")
+        return None
+    return TritonModelClient(args.url or DEFAULT_URLS[args.protocol], GATE_MODEL, args.protocol)
+
+
+def check_garments(gate: TritonModelClient, chunk: list[tuple[str, dict]], threshold: float) -> None:
+    """Classify each pair's garment photo; refuse the first one that is not an upper-body garment."""
+    for name, sample in chunk:
+        (verdict,) = classify(gate, sample["cloth"][None])
+        found = f"the garment of {name} looks like {verdict.name} (confidence {verdict.confidence:.2f})"
+        if verdict.refused(threshold):
+            reason = f"{found}, not an upper-body garment the try-on model can dress"
+            raise UserError(f"{reason}; --no-gate tries anyway")
+        print(f"gate: {found}: ok")
+
+
 def main() -> None:
     args = parse_args()
     if args.batch < 1:
@@ -121,8 +160,11 @@ def main() -> None:
     samples = iter_samples(args)
     client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
     height, width = next(s.shape[:2] for s in client.inputs if s.name == "cloth")
+    gate = open_gate(args, client)
     args.out.mkdir(parents=True, exist_ok=True)
     while chunk := list(itertools.islice(samples, args.batch)):
+        if gate is not None:
+            check_garments(gate, chunk, args.gate_threshold)
         if args.resize:
             chunk = [(n, {k: _resize(k, a, height, width) for k, a in s.items()}) for n, s in chunk]
         batch = {name: np.stack([s[name] for _, s in chunk]) for name in chunk[0][1]}
@@ -134,6 +176,8 @@ def main() -> None:
             tmp.replace(path)  # never leave a half-written PNG behind
             print(f"wrote {path}")
     client.close()
+    if gate is not None:
+        gate.close()
 
 
 if __name__ == "__main__":

@@ -64,6 +64,13 @@ class TritonModelClient:
         ]
         self.outputs = [o["name"] for o in metadata["outputs"]]
 
+    def server_has(self, model: str) -> bool:
+        """Whether another model is loaded and ready on the same server."""
+        try:
+            return bool(self._client.is_model_ready(model))
+        except InferenceServerException:
+            return False
+
     def validate(self, inputs: dict[str, np.ndarray]) -> None:
         """Check names, dtypes and shapes (batch first); raise ClientError naming the offending tensor."""
         expected = {spec.name for spec in self.inputs}

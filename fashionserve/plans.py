@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from fashionserve.repository import variant_files
+from fashionserve.repository import TRACKED_REPOSITORY, read_config, variant_files
 
-HEAVY_NETWORKS = ("tryon_condition_generator", "tryon_image_generator")  # tensorrt_plan in the gpu target
+HEAVY_NETWORKS = ("tryon_condition_generator", "tryon_image_generator")  # try-on's tensorrt_plan networks
 MANIFEST = "manifest.json"
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75
 _CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR = 76
@@ -157,6 +157,15 @@ def write_bundle_manifest(bundle_dir: Path, manifest: dict) -> None:
     tmp.replace(bundle_dir / MANIFEST)
 
 
+def plan_networks(manifest: dict, source: Path = TRACKED_REPOSITORY) -> list[str]:
+    """The bundle's networks that the tracked gpu configs serve as TensorRT plans, in bundle order."""
+    return [
+        name
+        for name in manifest["models"]
+        if read_config(source / name / "config.pbtxt").platform == "tensorrt_plan"
+    ]
+
+
 def build_bundle_plans(
     bundle_dir: Path,
     variant: str = "fp32",
@@ -165,15 +174,15 @@ def build_bundle_plans(
     workspace_gib: float = 8.0,
     log: Callable[[str], None] = print,
 ) -> dict:
-    """Build a plan of each heavy network from its `variant` ONNX for the local GPU, write them into the
-    bundle next to the ONNX and list them in the manifest; returns the new manifest."""
+    """Build a plan of each heavy network (`plan_networks`) from its `variant` ONNX for the local GPU, write
+    them into the bundle next to the ONNX and list them in the manifest; returns the new manifest."""
     tensorrt_version = require_tensorrt()
     gpu = local_gpu()
     manifest = read_bundle_manifest(bundle_dir)
     files = variant_files(manifest, variant, force)
     batch = batch_profile(manifest["max_batch_size"], opt_batch)
     log(f"TensorRT {tensorrt_version} on {gpu.name} (compute capability {gpu.compute_capability})")
-    for network in HEAVY_NETWORKS:
+    for network in plan_networks(manifest):
         onnx_file = files.get(network, manifest["models"][network]["file"])
         started = datetime.now(UTC)
         log(f"building {network} from {onnx_file}, batch {batch[0]}..{batch[2]} (opt {batch[1]})")

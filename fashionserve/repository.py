@@ -63,6 +63,16 @@ def _set_tensors(tensors, specs: list[dict], model: str, kind: str) -> None:
         tensor.dims.extend(spec["shape"])
 
 
+def _set_warmup_shapes(config: mc.ModelConfig, specs: list[dict]) -> None:
+    """Warmup requests take the bundle's input shapes, like the inputs (the tracked ones are the public
+    configuration's)."""
+    shapes = {spec["name"]: spec["shape"] for spec in specs}
+    for warmup in config.model_warmup:
+        for name, data in warmup.inputs.items():
+            data.ClearField("dims")
+            data.dims.extend(shapes[name])
+
+
 def _to_cpu(config: mc.ModelConfig) -> None:
     config.ClearField("platform")
     config.backend = "python"
@@ -146,6 +156,7 @@ def _render_into(
         config = read_config(source / name / "config.pbtxt")
         _set_tensors(config.input, model["inputs"], name, "input")
         _set_tensors(config.output, model["outputs"], name, "output")
+        _set_warmup_shapes(config, model["inputs"])
         config.max_batch_size = min(config.max_batch_size, max_batch)
         version_dir = dest / name / str(version)
         version_dir.mkdir(parents=True)

@@ -1,0 +1,110 @@
+"""Generate fashion images through Triton (`fashion_generator`) and write them as one contact sheet.
+
+Latent vectors are drawn here from N(0, I) with --seed (the same seed and count give the same images),
+or read from a .npy file of shape [count, latent_dim] with --latents.
+
+Examples:
+  python client/generate.py --count 8 --seed 1
+  python client/generate.py --latents z.npy --out work/results/sheet.png --each work/results/generated
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+
+GAP = 4  # pixels between images on the sheet
+SHEET_BACKGROUND = 255
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    latents = parser.add_mutually_exclusive_group()
+    latents.add_argument("--count", type=int, default=8, help="images to generate (default 8)")
+    latents.add_argument("--latents", type=Path, help=".npy file of latent vectors [count, latent_dim]")
+    parser.add_argument("--seed", type=int, default=1, help="seed of the latent vectors (default 1)")
+    parser.add_argument("--url", help="Triton address (default 127.0.0.1:8001 for grpc, :8000 for http)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
+    parser.add_argument("--model", default="fashion_generator", help="model name (default fashion_generator)")
+    parser.add_argument("--columns", type=int, help="images per sheet row (default: about square)")
+    parser.add_argument(
+        "--out", type=Path, default=Path("work/results/generated.png"), help="contact sheet PNG to write"
+    )
+    parser.add_argument("--each", type=Path, metavar="DIR", help="also write every image as DIR/<index>.png")
+    return parser.parse_args()
+
+
+def read_latents(args: argparse.Namespace, latent_dim: int) -> np.ndarray:
+    """The latent vectors asked for, float32 [count, latent_dim]."""
+    if args.latents is None:
+        if args.count < 1:
+            raise UserError("--count must be at least 1")
+        return np.random.default_rng(args.seed).standard_normal((args.count, latent_dim)).astype(np.float32)
+    try:
+        latents = np.load(args.latents)
+    except (OSError, ValueError) as exc:
+        raise UserError(f"cannot read latents from {args.latents}: {exc}") from None
+    if latents.ndim != 2 or latents.shape[1] != latent_dim or len(latents) == 0:
+        raise UserError(
+            f"{args.latents}: expected latents of shape [count, {latent_dim}], got {list(latents.shape)}"
+        )
+    return latents.astype(np.float32)
+
+
+def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
+    """uint8 [N, H, W, 3] -> one uint8 image, `columns` per row, GAP pixels apart."""
+    count, height, width, _ = images.shape
+    rows = math.ceil(count / columns)
+    sheet = np.full(
+        (rows * height + (rows + 1) * GAP, columns * width + (columns + 1) * GAP, 3),
+        SHEET_BACKGROUND,
+        np.uint8,
+    )
+    for index, image in enumerate(images):
+        top = GAP + (index // columns) * (height + GAP)
+        left = GAP + (index % columns) * (width + GAP)
+        sheet[top : top + height, left : left + width] = image
+    return sheet
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(image).save(tmp)
+    tmp.replace(path)  # never leave a half-written PNG behind
+
+
+def main() -> None:
+    args = parse_args()
+    client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
+    (latent_spec,) = client.inputs
+    latents = read_latents(args, latent_spec.shape[0])
+    step = client.max_batch_size or len(latents)
+    output = client.outputs[0]
+    images = np.concatenate(
+        [
+            client.infer({latent_spec.name: latents[i : i + step]})[output]
+            for i in range(0, len(latents), step)
+        ]
+    )
+    client.close()
+    columns = args.columns or math.ceil(math.sqrt(len(images)))
+    save_png(args.out, contact_sheet(images, max(1, columns)))
+    if args.each:
+        for index, image in enumerate(images):
+            save_png(args.each / f"{index:04d}.png", image)
+    print(f"wrote {args.out}: {len(images)} images of {images.shape[1]}x{images.shape[2]}")
+
+
+if __name__ == "__main__":
+    run(main, expected=(ClientError,))
