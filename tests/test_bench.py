@@ -5,7 +5,7 @@ from pathlib import Path
 
 from tests.conftest import run_cli
 
-BACKENDS = ("pytorch-eager", "onnxruntime", "triton-grpc")
+BACKENDS = ("pytorch-eager", "onnxruntime", "onnxruntime-nospin", "triton-grpc")
 
 
 def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_bundle) -> None:
