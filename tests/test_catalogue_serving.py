@@ -247,3 +247,27 @@ def test_tryon_without_a_served_classifier_skips_the_gate(tryon_server, samples_
     assert result.returncode == 0, result.stderr
     assert "gate: garment_classifier is not served here; garments are not checked" in result.stdout
     assert (tmp_path / "out" / f"{PERSON}_garment.png").is_file()
+
+
+def test_generator_variants_are_gated_by_swd(catalogue, tmp_path):
+    bundle = tmp_path / "fashion_generator"
+    shutil.copytree(catalogue["root"] / "fashion_generator", bundle)
+    args = ["export/quantize_generator.py", str(bundle), "--calibration-samples", "4", "--eval-samples", "8"]
+    passed = run_cli(*args, "--max-swd-fp16", "1000", "--max-swd-int8", "1000")
+    assert passed.returncode == 0, passed.stderr
+    variants = read_manifest(bundle)["variants"]
+    for variant in ("fp16", "int8"):
+        record = variants[variant]
+        assert record["passed"] and record["thresholds"] == {"max_swd_x1e3_avg": 1000.0}
+        assert {"SWDx1e3_16", "SWDx1e3_avg", "ssim_mean"} <= set(record["quality"])
+        assert (bundle / record["networks"]["fashion_generator_network"]["file"]).is_file()
+    failed = run_cli(*args, "--variants", "int8", "--max-swd-int8", "1e-9")
+    error = one_line_error(failed)
+    assert error.startswith("error: quality gate failed: int8 (SWDx1e3 ") and "> 1e-09" in error
+    manifest = read_manifest(bundle)
+    assert manifest["variants"]["fp16"]["passed"] and not manifest["variants"]["int8"]["passed"]
+    with pytest.raises(RenderError, match="the int8 variant failed its quality gate"):
+        render_repository(bundle, manifest, tmp_path / "refused", target="cpu", variant="int8")
+    render_repository(bundle, manifest, tmp_path / "forced", target="cpu", variant="int8", force=True)
+    served = tmp_path / "forced" / "fashion_generator_network" / "1" / "model.onnx"
+    assert served.read_bytes() == (bundle / "fashion_generator_network" / "model.int8.onnx").read_bytes()
