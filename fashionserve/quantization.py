@@ -565,8 +565,9 @@ def build_network_variant(
     work_dir: Path,
     log: Callable[[str], None],
 ) -> NetworkVariant:
-    """Build `variant` of one network, returning the first candidate (fewest measured exclusions) whose
-    pipeline quality on the calibration set (`quality_of`) meets `thresholds`, else the one with most."""
+    """Build `variant` of one network: the first candidate (fewest layers kept fp32 by measurement) whose
+    pipeline quality on the calibration set (`quality_of`) meets `thresholds`, else the best one.
+    Sensitivity is measured only when the variant with no measured exclusions falls short."""
     model = onnx.load(str(fp32_path))
     out = work_dir / f"{network}.{variant}.onnx"
     cache = work_dir / f"{network}.calibration.json"
@@ -604,28 +605,29 @@ def build_network_variant(
 
     started = time.monotonic()
     build([])
-    log(f"    sensitivity of {len(candidates)} layers on {len(feeds)} calibration samples")
-    sensitivity = measure()
-    ranked = sorted(candidates, key=lambda name: sensitivity.get(name, SQNR_CAP_DB))
-    search = []
-    best: tuple[float, int] | None = None  # (SSIM, excluded count) of the best candidate so far
-    for count in exclusion_steps(len(ranked), max_excluded_fraction):
-        if count:
+    quality = quality_of(open_session(out))
+    search = [_search_step(0, quality, thresholds, log)]
+    sensitivity: dict[str, float] = {}
+    chosen = 0
+    if thresholds.failures(quality):  # only then is it worth measuring which layers to keep fp32
+        log(f"    sensitivity of {len(candidates)} layers on {len(feeds)} calibration samples")
+        sensitivity = measure()
+        ranked = sorted(candidates, key=lambda name: sensitivity.get(name, SQNR_CAP_DB))
+        best = (quality["ssim_mean"], 0)  # (SSIM, excluded layers) of the best candidate so far
+        for count in exclusion_steps(len(ranked), max_excluded_fraction)[1:]:
             build(ranked[:count])
-        quality = quality_of(open_session(out))
-        misses = thresholds.failures(quality)
-        search.append({"excluded_layers": count, **_rounded(quality)})
-        verdict = "meets thresholds" if not misses else "; ".join(misses)
-        log(f"    {count:3d} layers kept fp32: SSIM {quality['ssim_mean']:.4f}, {verdict}")
-        if best is None or quality["ssim_mean"] > best[0]:
-            best = (quality["ssim_mean"], count)
-        if not misses:
-            best = (quality["ssim_mean"], count)
-            break
-    chosen = best[1]
-    if chosen != search[-1]["excluded_layers"]:  # nothing met the thresholds: keep the best, the gate decides
-        build(ranked[:chosen])
-    excluded = ranked[:chosen]
+            quality = quality_of(open_session(out))
+            search.append(_search_step(count, quality, thresholds, log))
+            if not thresholds.failures(quality):
+                best = (quality["ssim_mean"], count)
+                break
+            best = max(best, (quality["ssim_mean"], count))
+        chosen = best[1]
+        if chosen != search[-1]["excluded_layers"]:  # none met the thresholds: keep the best one
+            build(ranked[:chosen])
+        excluded = ranked[:chosen]
+    else:
+        excluded = []
     record = {
         "file": variant_file(network, variant),
         "tool": tool,
@@ -635,11 +637,19 @@ def build_network_variant(
             {"node": name, "sqnr_db": round(sensitivity.get(name, SQNR_CAP_DB), 2)} for name in excluded
         ],
         "candidate_layers": len(candidates),
+        "sensitivity_measured": bool(sensitivity),
         "exclusion_search": search,
         "chosen_excluded_layers": chosen,
         "build_seconds": round(time.monotonic() - started, 1),
     }
     return NetworkVariant(network, variant, out, record)
+
+
+def _search_step(count: int, quality: dict, thresholds: Thresholds, log: Callable[[str], None]) -> dict:
+    misses = thresholds.failures(quality)
+    verdict = "; ".join(misses) if misses else "meets thresholds"
+    log(f"    {count:3d} layers kept fp32: SSIM {quality['ssim_mean']:.4f}, {verdict}")
+    return {"excluded_layers": count, **_rounded(quality)}
 
 
 def _rounded(values: dict[str, float]) -> dict[str, float]:
