@@ -189,6 +189,6 @@ def _render_into(
         ensemble.output, [{**tensors[t.name], "name": t.name} for t in ensemble.output], pipeline, "output"
     )
     ensemble.max_batch_size = min([ensemble.max_batch_size, max_batch])
-    (dest / pipeline / "1").mkdir(parents=True)
+    (dest / pipeline / str(version)).mkdir(parents=True)  # an ensemble needs a version dir too
     write_config(ensemble, dest / pipeline / "config.pbtxt")
     return [pipeline, *(step.model_name for step in ensemble.ensemble_scheduling.step)]
