@@ -167,8 +167,11 @@ def _drawn_samples(height: int, width: int, count: int, offset: int) -> SampleSe
 # The pipeline in ONNX Runtime
 
 
-def open_session(path: Path | str) -> ort.InferenceSession:
+def open_session(path: Path | str, arena: bool = False) -> ort.InferenceSession:
+    """A CPU session; without `arena` it hands memory back after each run (several models of 1024x768
+    stay open at once here; timings want the arena, as served models have it)."""
     options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3  # ORT's own warnings (e.g. about unused initializers) are not ours
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
@@ -186,8 +189,9 @@ class OnnxPipeline:
         self.stages = {name: partial(_run_stage, session) for name, session in sessions.items()}
 
     @classmethod
-    def from_bundle(cls, bundle_dir: Path, manifest: dict) -> "OnnxPipeline":
-        return cls({s.name: open_session(bundle_dir / manifest["models"][s.name]["file"]) for s in STAGES})
+    def from_bundle(cls, bundle_dir: Path, manifest: dict, arena: bool = False) -> "OnnxPipeline":
+        files = {s.name: bundle_dir / manifest["models"][s.name]["file"] for s in STAGES}
+        return cls({name: open_session(path, arena) for name, path in files.items()})
 
     def swapped(self, network: str, session: ort.InferenceSession) -> "OnnxPipeline":
         """The same pipeline with one network replaced."""
@@ -363,11 +367,20 @@ def convert_fp16(model: onnx.ModelProto, excluded_nodes: list[str], out_path: Pa
 
 
 class _FeedReader(CalibrationDataReader):
+    """Calibration feeds, readable a range at a time (ONNX Runtime's strided min/max calibration)."""
+
     def __init__(self, feeds: list[dict[str, np.ndarray]]):
-        self._feeds = iter(feeds)
+        self._feeds = feeds
+        self._pending = iter(feeds)
+
+    def __len__(self) -> int:
+        return len(self._feeds)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._pending = iter(self._feeds[start_index:end_index])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._feeds, None)
+        return next(self._pending, None)
 
 
 def quantize_int8(
@@ -395,6 +408,8 @@ def quantize_int8(
             "WeightSymmetric": True,
             # bias stays float: TensorRT fuses a float bias; an int32 Q/DQ bias is not what it expects
             "QuantizeBias": False,
+            # ranges of one sample at a time, merged: at 1024x768 one sample's tensors take gigabytes
+            "CalibStridedMinMax": 1,
         },
         calibration_cache_path=str(cache),
     )
