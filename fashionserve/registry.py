@@ -449,6 +449,11 @@ class _Triton:
             return _first_line(exc)
         return None
 
+    def unload(self, model: str) -> None:
+        """Unload `model` and the models it uses (best effort: called while undoing a failed sync)."""
+        with contextlib.suppress(InferenceServerException):
+            self.client.unload_model(model, unload_dependents=True)
+
     def check_inference(self, model: str, version: int, manifest: dict) -> None:
         """One real request (batch 1, zero images and labels) to `version`, outputs as the contract says."""
         inputs = []
@@ -644,7 +649,9 @@ def sync_once(
                 triton.check_inference(name, version, manifest)
             except BaseException:
                 changes.undo()
-                if live is not None:  # Triton drops what the repository no longer has, keeps the live
+                if live is None:  # nothing served before: nothing stays loaded
+                    triton.unload(name)
+                else:  # Triton drops what the repository no longer has and keeps the live version
                     triton.load(name)
                 raise
         contracts = {key: manifest[key] for key in ("input_contract", "output_contract")}

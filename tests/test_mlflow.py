@@ -267,6 +267,13 @@ def test_sync_serves_the_promoted_version_and_is_idempotent(
     assert "up to date" in result.stdout
     assert listing(served.repository) == before and served_index(served) == index
     assert np.array_equal(infer(served, samples_dir), output)
+    # A restarted Triton (nothing loaded) gets the live version back from the same files.
+    with TritonServer(repository=served.repository, model_control="explicit") as restarted:
+        result = sync(mlflow_server, restarted)
+        assert result.returncode == 0, result.stderr
+        assert "not loaded in Triton; loading it" in result.stdout
+        assert np.array_equal(infer(restarted, samples_dir), output)
+    assert listing(served.repository) == before
 
 
 def served_index(served) -> list[dict]:
