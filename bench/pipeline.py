@@ -9,17 +9,20 @@
                   running the same ONNX files with ONNX Runtime), called through tritonclient
 
 Each backend runs in its own process (so its peak memory is its own); the timed calls are spread over
-rounds that alternate the backends, so background load on the machine hits all of them alike. Every
+rounds that alternate the backends, so background load on the machine hits all of them alike
+(--sequential: one backend process at a time, for memory at 1024x768). Every
 call sends the drawn sample pairs (real inputs) at the pipeline's resolution; outputs are checked
 against PyTorch. Writes <name>.md, <name>.png and <name>.json into --out.
 
 Examples:
   python bench/pipeline.py                                   # small test configuration (256x192, narrow)
-  python bench/pipeline.py --size public --batches 1,2 --iterations 3 --rounds 3 --warmup 1
+  python bench/pipeline.py --size public --batches 1,2 --iterations 4 --warmup 1 --sequential
   python bench/pipeline.py --bundle work/bundles/tryon --iterations 3 --rounds 3
+  python bench/pipeline.py --threads 1     # one intra-op thread in every runtime: steadier on a busy machine
 """
 
 import argparse
+import concurrent.futures
 import datetime
 import json
 import multiprocessing
@@ -42,7 +45,13 @@ from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.client import PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 from fashionserve.launcher import ServerError, TritonServer  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
-from fashionserve.repository import RenderError, ensemble_steps, render_repository  # noqa: E402
+from fashionserve.repository import (  # noqa: E402
+    RenderError,
+    ensemble_steps,
+    read_config,
+    render_repository,
+    write_config,
+)
 from fashionserve.tryon.stages import TryonConfig  # noqa: E402
 
 REFERENCE = "pytorch-eager"
@@ -81,7 +90,18 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2, at least 1)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="intra-op threads of PyTorch, ONNX Runtime and the Triton leaves (default 0: their own)",
+    )
+    parser.add_argument(
         "--protocol", choices=PROTOCOLS, default="grpc", help="Triton protocol (default grpc)"
+    )
+    parser.add_argument(
+        "--sequential",
+        action="store_true",
+        help="one backend process at a time instead of alternating rounds (bounds memory at 1024x768)",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report folder")
     parser.add_argument("--name", help="report file name stem (default tryon-cpu-<H>x<W>[-narrow])")
@@ -118,6 +138,8 @@ def _pytorch_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
         _config(manifest), *(Path(c) if c else None for c in checkpoints), seed=manifest["seed"]
     )
     names = [tensor["name"] for tensor in manifest["input_contract"]]  # the forward's argument order
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
 
     def call(batch: Batch) -> np.ndarray:
         with torch.inference_mode():
@@ -131,6 +153,7 @@ def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict
 
     manifest = spec["manifest"]
     options = ort.SessionOptions()
+    options.intra_op_num_threads = spec["threads"]  # 0: ONNX Runtime's default (one per physical core)
     if not spec["allow_spinning"]:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     sessions = {
@@ -195,21 +218,27 @@ class Worker:
         self.notes = self._receive()
         self.peak_mb = 0.0
 
+    def _died(self) -> BenchError:
+        self._process.join(timeout=5)
+        # -9 is most often the kernel's OOM killer: --sequential keeps one backend in memory at a time
+        return BenchError(f"{self.name}: worker process died (exit code {self._process.exitcode})")
+
     def _receive(self):
         if not self._conn.poll(3600):
             raise BenchError(f"{self.name}: no answer within an hour")
         try:
             status, payload = self._conn.recv()
         except EOFError:
-            raise BenchError(
-                f"{self.name}: worker process died (exit code {self._process.exitcode})"
-            ) from None
+            raise self._died() from None
         if status == "error":
             raise BenchError(payload)
         return payload
 
     def run(self, batch: int, calls: int) -> tuple[list[float], np.ndarray]:
-        self._conn.send((batch, calls))
+        try:
+            self._conn.send((batch, calls))
+        except OSError:  # broken pipe: the process is gone
+            raise self._died() from None
         latencies, output, self.peak_mb = self._receive()
         return latencies, output
 
@@ -219,17 +248,25 @@ class Worker:
         self._process.join(timeout=30)
 
 
-def _export(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict]:
+def _export_bundle(size: str, seed: int, bundle: Path) -> dict:
     from fashionserve.tryon.bundle import export_bundle, load_networks
 
+    pipeline, provenance = load_networks(SIZES[size], None, None, seed=seed)
+    return export_bundle(
+        pipeline, SIZES[size], provenance, bundle, log=lambda line: print(f"  {line}", flush=True)
+    )
+
+
+def _export(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict]:
     config = SIZES[args.size]
     print(
         f"exporting the {args.size} pipeline ({config.height}x{config.width}, random-init seed {args.seed})"
     )
-    pipeline, provenance = load_networks(config, None, None, seed=args.seed)
-    bundle = tmp / "bundle"
-    manifest = export_bundle(pipeline, config, provenance, bundle, log=lambda line: print(f"  {line}"))
-    return bundle, manifest
+    # in a child process: the export's gigabytes at 1024x768 are returned to the system when it ends
+    context = multiprocessing.get_context("spawn")
+    with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
+        manifest = pool.submit(_export_bundle, args.size, args.seed, tmp / "bundle").result()
+    return tmp / "bundle", manifest
 
 
 def _rounds(iterations: int, rounds: int) -> list[int]:
@@ -237,17 +274,40 @@ def _rounds(iterations: int, rounds: int) -> list[int]:
 
 
 def measure(
-    workers: list[Worker], args: argparse.Namespace
-) -> dict[tuple[str, int], tuple[list, int | None]]:
-    """(backend, batch) -> (latencies, max |output - reference|)."""
-    diffs: dict[tuple[str, int], int | None] = {}
+    backends: dict[str, tuple[str, dict]], args: argparse.Namespace
+) -> tuple[dict[tuple[str, int], tuple[list[float], int]], dict[str, float], dict]:
+    """Run every backend (the reference first): (backend, batch) -> (latencies, max |output - reference|),
+    peak memory per backend, and what the workers report about their runtimes."""
+    groups = [[name] for name in backends] if args.sequential else [list(backends)]
+    references: dict[int, np.ndarray] = {}
+    measured: dict[tuple[str, int], tuple[list[float], int]] = {}
+    peaks: dict[str, float] = {}
+    notes: dict = {}
+    for group in groups:
+        workers: list[Worker] = []
+        try:
+            for name in group:
+                print(f"starting {name}", flush=True)
+                workers.append(Worker(name, *backends[name]))
+            measured.update(_measure_together(workers, args, references))
+        finally:
+            for worker in workers:
+                worker.close()
+        for worker in workers:
+            peaks[worker.name] = worker.peak_mb
+            notes.update(worker.notes)
+    return measured, peaks, notes
+
+
+def _measure_together(
+    workers: list[Worker], args: argparse.Namespace, references: dict[int, np.ndarray]
+) -> dict[tuple[str, int], tuple[list[float], int]]:
+    diffs: dict[tuple[str, int], int] = {}
     for batch in args.batches:
-        reference = None
         for worker in workers:
             _, output = worker.run(batch, args.warmup)
-            if worker.name == REFERENCE:
-                reference = output.astype(np.int16)
-            diffs[worker.name, batch] = None if reference is None else int(np.abs(output - reference).max())
+            reference = references.setdefault(batch, output.astype(np.int16))  # the first backend's
+            diffs[worker.name, batch] = int(np.abs(output - reference).max())
     latencies: dict[tuple[str, int], list[float]] = {key: [] for key in diffs}
     for index, calls in enumerate(_rounds(args.iterations, args.rounds), start=1):
         for batch in args.batches:
@@ -302,7 +362,13 @@ def main() -> None:
             raise UserError(
                 f"batch {args.batches[-1]} exceeds the bundle's max batch {manifest['max_batch_size']}"
             )
-        render_repository(bundle, manifest, tmp / "repository", target="cpu")
+        models = render_repository(bundle, manifest, tmp / "repository", target="cpu")
+        if args.threads:
+            for model in models[1:]:  # the leaves; the first is the ensemble
+                path = tmp / "repository" / model / "config.pbtxt"
+                leaf = read_config(path)
+                leaf.parameters["intra_op_threads"].string_value = str(args.threads)  # fashionserve.runner
+                write_config(leaf, path)
         print("starting Triton")
         with TritonServer(repository=tmp / "repository") as server:
             url = server.grpc_url if args.protocol == "grpc" else server.http_url
@@ -314,36 +380,28 @@ def main() -> None:
                 "height": config.height,
                 "width": config.width,
                 "batches": args.batches,
+                "threads": args.threads,
             }
             triton = f"triton-{args.protocol}"
-            kinds = {
-                REFERENCE: ("pytorch", {}),
-                ORT: ("onnxruntime", {"allow_spinning": True}),
-                ORT_NOSPIN: ("onnxruntime", {"allow_spinning": False}),
-                triton: ("triton", {}),
+            backends = {
+                REFERENCE: ("pytorch", spec),
+                ORT: ("onnxruntime", {**spec, "allow_spinning": True}),
+                ORT_NOSPIN: ("onnxruntime", {**spec, "allow_spinning": False}),
+                triton: ("triton", spec),
             }
-            workers: list[Worker] = []
-            try:
-                for name, (kind, extra) in kinds.items():
-                    print(f"starting {name}")
-                    workers.append(Worker(name, kind, {**spec, **extra}))
-                measured = measure(workers, args)
-            finally:
-                for worker in workers:
-                    worker.close()
+            measured, peaks, notes = measure(backends, args)
             with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=10) as response:
                 server_version = json.load(response)["version"]
             server_peak = sum(peak_rss_mb(pid) for pid in [server.pid, *descendants(server.pid)])
-    peaks = {worker.name: worker.peak_mb for worker in workers}
     peaks[triton] = server_peak  # the server and its python-backend stubs; the client is not counted
     results = [
         Result(name, batch, latencies, peaks[name], diff)
         for (name, batch), (latencies, diff) in measured.items()
     ]
-    notes = {key: value for worker in workers for key, value in worker.notes.items()}
     resolution = f"{config.height}x{config.width}"
     narrow = "" if (config.condition_ngf, config.image_ngf) == (96, 64) else "-narrow"
-    stem = args.name or f"tryon-cpu-{resolution}{narrow}"
+    threads = f"-threads{args.threads}" if args.threads else ""
+    stem = args.name or f"tryon-cpu-{resolution}{narrow}{threads}"
     settings = {
         "date": datetime.date.today().isoformat(),
         "command": "python bench/pipeline.py " + " ".join(sys.argv[1:]),
@@ -352,11 +410,16 @@ def main() -> None:
         "pipeline": ", ".join(f"{key} {value}" for key, value in config.to_dict().items()),
         "weights": manifest["weights"]
         + (" (timing does not depend on weights)" if manifest["random_init"] else ""),
-        "timed calls per backend and batch": f"{args.iterations} in {args.rounds} alternating rounds, "
-        f"after {args.warmup} warm-up calls; one caller, calls back to back",
+        "timed calls per backend and batch": (
+            f"{args.iterations}, backends one after another"
+            if args.sequential
+            else f"{args.iterations} in {args.rounds} alternating rounds"
+        )
+        + f", after {args.warmup} warm-up calls; one caller, calls back to back",
         **notes,
         "tritonserver": server_version,
-        "triton leaves": "python backend, 1 CPU instance each, ONNX Runtime default session options",
+        "intra-op threads asked for": args.threads or "each runtime's default",
+        "triton leaves": "python backend, 1 CPU instance each, ONNX Runtime session options as onnxruntime's",
         "peak memory": "VmHWM of the worker process; for Triton the server plus its python-backend stubs",
         "numpy": np.__version__,
     }

@@ -11,18 +11,8 @@ BACKENDS = ("pytorch-eager", "onnxruntime", "onnxruntime-nospin", "triton-grpc")
 def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_bundle) -> None:
     bundle, _ = tryon_bundle
     out = tmp_path / "report"
-    args = (
-        "--bundle",
-        str(bundle),
-        "--batches",
-        "1,2",
-        "--iterations",
-        "1",
-        "--rounds",
-        "1",
-        "--warmup",
-        "1",
-    )
+    args = ("--bundle", str(bundle), "--batches", "1,2", "--iterations", "1", "--rounds", "1")
+    args += ("--warmup", "1", "--threads", "1")  # --threads also sets the Triton leaves' intra_op_threads
     result = run_cli("bench/pipeline.py", *args, "--out", str(out), "--name", "smoke", timeout=240)
     assert result.returncode == 0, result.stderr[-3000:]
 
@@ -33,6 +23,7 @@ def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_
         assert row["iterations"] == 1 and row["throughput_images_per_s"] > 0 and row["peak_memory_mb"] > 0
         assert row["max_diff"] <= 2  # every backend computes the same images (uint8 levels)
     assert numbers["settings"]["weights"].startswith("random-init")
+    assert numbers["settings"]["intra-op threads asked for"] == 1 == numbers["settings"]["intra-op threads"]
 
     report = (out / "smoke.md").read_text()
     assert all(f"| {backend} | 1 |" in report for backend in BACKENDS)

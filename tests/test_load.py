@@ -44,7 +44,15 @@ def run_locust(tmp_path: Path, host: str, *options: str, run_time: str = "8s") -
         *options,
     ]
     # cwd elsewhere: the locustfile must find the project by itself, as from any directory
-    return subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=90, check=False)
+    return subprocess.run(
+        command,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
