@@ -159,7 +159,7 @@ class MlflowServer:
         lines = [
             line.strip() for line in self.log_file.read_text(errors="replace").splitlines() if line.strip()
         ]
-        errors = [line for line in lines if "rror" in line or _PORT_IN_USE in line]
+        errors = [line for line in lines if "error" in line.lower()]  # the port-in-use line says error too
         return f"{(errors or lines or ['no output'])[-1][:300]} (log: {self.log_file})"
 
     def detach(self) -> int:

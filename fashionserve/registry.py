@@ -310,10 +310,13 @@ def register_bundle(
                 client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACTS)
                 client.log_artifacts(run_id, str(configs), CONFIG_ARTIFACTS)
                 client.set_terminated(run_id)
-                with contextlib.suppress(MlflowException):  # it exists from an earlier version
+                try:
                     client.create_registered_model(
                         name, description=f"Bundles of the '{name}' pipeline; alias '{ALIAS}' is served"
                     )
+                except MlflowException as exc:
+                    if exc.error_code != "RESOURCE_ALREADY_EXISTS":  # it does from the first version on
+                        raise
                 weights = f" [{RANDOM_INIT}: outputs are noise]" if RANDOM_INIT in tags else ""
                 return client.create_model_version(
                     name,

@@ -49,14 +49,11 @@ def main() -> None:
     client = connect(args.tracking_uri)
     version = register_bundle(client, args.bundle, args.model)
     tags = version.tags
-    notes = [f"quality gate {tags[GATE_TAG]}"] + (
-        [f"{RANDOM_INIT}: outputs are noise"] if RANDOM_INIT in tags else []
-    )
+    gate = tags[GATE_TAG] + (f": {tags['quality_gate_reason']}" if "quality_gate_reason" in tags else "")
+    notes = [f"quality gate {gate}"] + ([f"{RANDOM_INIT}: outputs are noise"] if RANDOM_INIT in tags else [])
     print(f"registered '{version.name}' version {version.version} ({', '.join(notes)})")
-    print(
-        f"  promote it: python mlflow/promote.py {version.name} --version {version.version} (alias '{ALIAS}')"
-    )
-    print(f"  UI: {args.tracking_uri.rstrip('/')}/#/models/{version.name}/versions/{version.version}")
+    print(f"  promote: python mlflow/promote.py {version.name} --version {version.version} (alias '{ALIAS}')")
+    print(f"  UI:      {args.tracking_uri.rstrip('/')}/#/models/{version.name}/versions/{version.version}")
 
 
 if __name__ == "__main__":
