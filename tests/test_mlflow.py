@@ -305,7 +305,9 @@ def test_promotion_swaps_under_load_without_a_failed_request(
             while not any(line.startswith("live: ") for line in lines) and time.monotonic() < deadline:
                 assert watch.poll() is None, watch.stderr.read()
                 time.sleep(0.5)
-            time.sleep(2)  # a few requests on the new version
+            swapped_at = len(traffic.results)
+            while len(traffic.results) < swapped_at + 3 and time.monotonic() < deadline:
+                time.sleep(0.2)  # a few requests on the new version
     finally:
         watch.send_signal(signal.SIGTERM)
         watch.wait(timeout=60)
