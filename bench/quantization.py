@@ -306,6 +306,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--cuda", action="store_true", help="PyTorch CUDA fp32/fp16 instead of ONNX Runtime CPU"
     )
+    parser.add_argument(
+        "--section", help="marker name of the doc section to rewrite (default: cpu, or cuda with --cuda)"
+    )
     args = parser.parse_args()
     batches = tuple(int(b) for b in args.batches.split(","))
     if len(batches) != 2 or min(batches) < 1:
@@ -322,7 +325,8 @@ def main() -> None:
     log = lambda line: print(line, flush=True)  # noqa: E731
     if args.cuda:
         iterations = args.iterations or 10
-        write_section(args.doc, "cuda", bench_cuda(args.batches, iterations, max(args.warmup, 3), log))
+        report = bench_cuda(args.batches, iterations, max(args.warmup, 3), log)
+        write_section(args.doc, args.section or "cuda", report)
     else:
         from fashionserve.quantization import silence_onnxruntime_quantization_logs
 
@@ -334,7 +338,7 @@ def main() -> None:
             iterations = args.iterations or (10 if size == "test" else 2)
             rows += bench_onnxruntime(size, args.work, args.batches, iterations, args.warmup, log)
         report = cpu_report(rows, args.batches, args.warmup, started, (load, os.getloadavg()[0]))
-        write_section(args.doc, "cpu", report)
+        write_section(args.doc, args.section or "cpu", report)
     print(f"wrote {args.doc}")
 
 
