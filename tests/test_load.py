@@ -41,6 +41,8 @@ def run_locust(tmp_path: Path, host: str, *options: str, run_time: str = "8s") -
         "--only-summary",
         *("-u", str(USERS), "-r", str(USERS), "-t", run_time),
         *("--csv", str(tmp_path / "out"), "--host", host),
+        # let a user finish its request in flight at the time limit, so its on_stop logs its count
+        *("--stop-timeout", "30"),
         *options,
     ]
     # cwd elsewhere: the locustfile must find the project by itself, as from any directory
