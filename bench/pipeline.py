@@ -63,6 +63,7 @@ SIZES = {
         height=256, width=192, condition_height=128, condition_width=96,
         condition_ngf=8, image_ngf=8, spade_hidden=16,
     ),
+    "medium": TryonConfig(height=512, width=384),  # public widths, half the resolution: a quarter of the work
     "public": TryonConfig(),  # HR-VITON's 1024x768: a call takes seconds to tens of seconds on a CPU
 }  # fmt: skip
 Batch = dict[str, np.ndarray]
@@ -77,7 +78,10 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--size", choices=SIZES, default="small", help="pipeline to export (random-init): small or public"
+        "--size",
+        choices=SIZES,
+        default="small",
+        help="pipeline to export (random-init): small, medium or public",
     )
     parser.add_argument("--bundle", type=Path, help="use this exported bundle instead of exporting one")
     parser.add_argument("--seed", type=int, default=0, help="random-init seed of the export (default 0)")
