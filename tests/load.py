@@ -240,4 +240,7 @@ class TritonUser(User):
             logger.info(
                 "user %d: %d requests completed, %d failed", self.user_id, self.completed, self.failed
             )
+            # Close and drop the client now, while gevent's hub runs: tritonclient's __del__ closes the gRPC
+            # channel again, and that hangs when it first happens in the garbage collection at exit.
             self.client.close()
+            self.client = None
