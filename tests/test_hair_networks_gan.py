@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fashionserve.checkpoints import CheckpointError
+from fashionserve.hair.encoder import Encoder4Editing, load_e4e_checkpoint
 from fashionserve.hair.stylegan2 import (
     Blur,
     EqualLinear,
@@ -310,4 +311,170 @@ def test_generator_onnx_export_matches_pytorch_with_dynamic_batch(tmp_path):
             expected = generator(w_plus)
         (actual,) = run_onnx(session, (w_plus,))
         assert actual.shape == (batch, 3, 32, 32)
+        assert max_abs_error(expected, actual) < 1e-4 * float(expected.abs().max())
+
+
+# --- e4e encoder -------------------------------------------------------------------------------------
+
+SMALL_ENCODER = dict(size=32, style_dim=128, input_size=64, base_width=16, stage_units=(1, 2, 2, 1))
+
+
+def small_encoder(seed: int = 0) -> Encoder4Editing:
+    """Random weights, BatchNorm statistics and PReLU slopes, so eval-mode arithmetic is not an identity."""
+    torch.manual_seed(seed)
+    encoder = Encoder4Editing(**SMALL_ENCODER).eval()
+    with torch.no_grad():
+        for name, tensor in encoder.state_dict().items():
+            if name.endswith(("running_mean", "bias")) or (tensor.dim() == 1 and name.endswith("weight")):
+                tensor.uniform_(-0.5, 0.5)
+            elif name.endswith("running_var"):
+                tensor.uniform_(0.5, 1.5)
+        encoder.set_latent_avg(torch.randn(128))
+    return encoder
+
+
+def test_encoder_state_dict_matches_public_listing():
+    listing = read_listing(HAIR / "e4e_state_dict_keys.txt")
+    assert list(listing) == ["encoder"] and len(listing["encoder"]) == 621
+    with torch.device("meta"):  # shapes only: the public encoder has 267M parameters
+        encoder = Encoder4Editing()
+    assert keys_and_shapes(encoder) == listing["encoder"]
+    assert sum(p.numel() for p in encoder.parameters()) == 267_136_704
+    assert encoder.n_latent == 18 and encoder.taps == (6, 20, 23)  # e4e's fixed body indices
+    assert "latent_avg" not in encoder.state_dict() and encoder.latent_avg.shape == (18, 512)
+
+
+def test_encoder_equals_hand_wired_fpn_and_deltas():
+    encoder = small_encoder()
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        w_plus = encoder(x)
+        features = encoder.input_layer(x)
+        taps = {}
+        for index, unit in enumerate(encoder.body):
+            features = unit(features)
+            taps[index] = features
+        c1, c2, c3 = taps[2], taps[4], taps[5]  # ends of stages 2, 3, 4 for units (1, 2, 2, 1)
+        assert (c1.shape[2], c2.shape[2], c3.shape[2]) == (16, 8, 4)  # input / 4, / 8, / 16
+
+        def merge(top: Tensor, lateral: Tensor) -> Tensor:
+            return F.interpolate(top, size=lateral.shape[2:], mode="bilinear", align_corners=True) + lateral
+
+        middle = merge(c3, encoder.latlayer1(c2))
+        fine = merge(middle, encoder.latlayer2(c1))
+        base = encoder.styles[0](c3)
+        sources = [c3] * 3 + [middle] * 4 + [fine]
+        expected = [base] + [base + encoder.styles[i](sources[i]) for i in range(1, 8)]
+        expected = torch.stack(expected, dim=1) + encoder.latent_avg
+    assert w_plus.shape == (2, 8, 128)
+    torch.testing.assert_close(w_plus, expected)
+    assert (w_plus - encoder.latent_avg).abs().mean() > 1e-3
+
+
+def test_ir_se_unit_and_style_block_arithmetic():
+    encoder = small_encoder()
+    unit = encoder.body[0]  # 16 -> 16 channels, stride 2: max-pool(1, 2) shortcut
+    x = torch.randn(1, 16, 8, 8)
+    res = unit.res_layer
+    with torch.no_grad():
+        out = res[4](res[3](res[2](res[1](res[0](x)))))
+        gate = torch.sigmoid(res[5].fc2(torch.relu(res[5].fc1(out.mean(dim=(2, 3), keepdim=True)))))
+        torch.testing.assert_close(unit(x), out * gate + x[:, :, ::2, ::2])
+        block = encoder.styles[0]  # 4x4 -> 1x1: two stride-2 convs with leaky ReLU 0.01
+        features = torch.randn(2, 128, 4, 4)
+        hidden = features
+        for conv in (block.convs[0], block.convs[2]):
+            hidden = F.leaky_relu(conv(hidden), 0.01)
+        expected = hidden.flatten(1) @ (block.linear.weight / math.sqrt(128)).t() + block.linear.bias
+        torch.testing.assert_close(block(features), expected)
+    assert len(block.convs) == 4
+
+
+def test_encoder_latent_avg_shapes_and_validation():
+    encoder = small_encoder()
+    average = torch.randn(128)
+    for shape in ([128], [1, 128], [8, 128]):
+        encoder.set_latent_avg(average.expand(shape) if len(shape) > 1 else average)
+        assert torch.equal(encoder.latent_avg, average.expand(8, 128))
+    for bad in (torch.zeros(7, 128), torch.zeros(8, 64), torch.zeros(1, 1, 128)):
+        with pytest.raises(ValueError, match="latent_avg"):
+            encoder.set_latent_avg(bad)
+    with pytest.raises(ValueError, match="num_layers must be one of"):
+        Encoder4Editing(num_layers=100)
+    with pytest.raises(ValueError, match="style_dim must equal"):
+        Encoder4Editing(style_dim=256)
+    with pytest.raises(ValueError, match="base_width must be a multiple of 16"):
+        Encoder4Editing(base_width=8, style_dim=64)
+
+
+def e4e_checkpoint(encoder: Encoder4Editing, generator: StyleGAN2Generator, **extra) -> dict:
+    """A dict in the public e4e layout: pSp's state_dict (encoder.* and decoder.*), latent_avg, opts."""
+    state = {f"encoder.{key}": value for key, value in encoder.state_dict().items()}
+    state |= {f"decoder.{key}": value for key, value in generator.state_dict().items()}
+    latent_avg = encoder.latent_avg.clone()
+    opts = {"encoder_type": "Encoder4Editing", "stylegan_size": 32, "start_from_latent_avg": True}
+    return {"state_dict": state, "latent_avg": latent_avg, "opts": opts} | extra
+
+
+def test_e4e_checkpoint_loads_encoder_generator_and_latent_avg(tmp_path):
+    encoder, generator = small_encoder(seed=1), small_generator(seed=1, style_dim=128)
+    path = tmp_path / "e4e.pt"
+    torch.save(e4e_checkpoint(encoder, generator), path)
+    fresh_encoder, fresh_generator = small_encoder(seed=2), small_generator(seed=2, style_dim=128)
+    assert not torch.equal(fresh_encoder.latent_avg, encoder.latent_avg)
+    loaded_encoder, loaded_generator = load_e4e_checkpoint(path, fresh_encoder, fresh_generator)
+    assert loaded_encoder is fresh_encoder and loaded_generator is fresh_generator
+    assert not loaded_encoder.training and not loaded_generator.training
+    for original, loaded in ((encoder, loaded_encoder), (generator, loaded_generator)):
+        for key, value in original.state_dict().items():
+            assert torch.equal(loaded.state_dict()[key], value), key
+    assert torch.equal(loaded_encoder.latent_avg, encoder.latent_avg)
+    x = torch.rand(1, 3, 64, 64) * 2 - 1
+    with torch.no_grad():
+        torch.testing.assert_close(loaded_generator(loaded_encoder(x)), generator(encoder(x)))
+
+
+def test_e4e_checkpoint_problems_are_named(tmp_path):
+    encoder, generator = small_encoder(), small_generator(style_dim=128)
+
+    def message(checkpoint: dict) -> str:
+        path = tmp_path / "e4e.pt"
+        torch.save(checkpoint, path)
+        with pytest.raises(CheckpointError) as info:
+            load_e4e_checkpoint(path, small_encoder(), small_generator(style_dim=128))
+        assert "\n" not in str(info.value) and str(path) in str(info.value)
+        return str(info.value)
+
+    checkpoint = e4e_checkpoint(encoder, generator)
+    del checkpoint["state_dict"]["decoder.noises.noise_0"]
+    checkpoint["state_dict"]["encoder.styles.0.linear.weight"] = torch.zeros(128, 64)
+    text = message(checkpoint)
+    assert "(encoder.*)" in text and "styles.0.linear.weight (expected [128, 128], got [128, 64])" in text
+
+    checkpoint = e4e_checkpoint(encoder, generator)
+    del checkpoint["state_dict"]["decoder.noises.noise_0"]
+    assert "(decoder.*)" in (text := message(checkpoint)) and "missing keys: noises.noise_0" in text
+
+    checkpoint = e4e_checkpoint(encoder, generator)
+    checkpoint["state_dict"]["discriminator.weight"] = torch.zeros(1)
+    assert "outside encoder.* and decoder.*: discriminator.weight" in message(checkpoint)
+
+    checkpoint = e4e_checkpoint(encoder, generator)
+    del checkpoint["latent_avg"]
+    assert "without a 'latent_avg' tensor" in message(checkpoint)
+    assert "latent_avg must be" in message(e4e_checkpoint(encoder, generator, latent_avg=torch.zeros(5, 128)))
+    assert "not an e4e checkpoint" in message({"g_ema": generator.state_dict()})
+
+
+def test_encoder_onnx_export_matches_pytorch_with_dynamic_batch(tmp_path):
+    encoder = small_encoder()
+    path = tmp_path / "e4e.onnx"
+    export_onnx(encoder, (torch.rand(2, 3, 64, 64) * 2 - 1,), path, ["image"], ["w_plus"], max_batch=4)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        x = torch.rand(batch, 3, 64, 64) * 2 - 1
+        with torch.no_grad():
+            expected = encoder(x)
+        (actual,) = run_onnx(session, (x,))
+        assert actual.shape == (batch, 8, 128)
         assert max_abs_error(expected, actual) < 1e-4 * float(expected.abs().max())
