@@ -199,6 +199,22 @@ def test_strict_load_of_public_layout_round_trips(parser, tmp_path):
         assert torch.equal(loaded_parser(x), parser(x))
 
 
+def test_checkpoint_without_batch_counters_loads(parser, tmp_path):
+    """A file from before torch 0.4.1 has no num_batches_tracked at all: accepted, as torch accepts it."""
+    state = {key: value for key, value in parser.state_dict().items() if "num_batches_tracked" not in key}
+    assert len(state) == 160
+    path = tmp_path / "old_torch.pth"
+    torch.save(state, path)
+    loaded = load_face_parser_checkpoint(path).state_dict()
+    assert torch.equal(loaded["conv_out.conv_out.weight"], state["conv_out.conv_out.weight"])
+    assert int(loaded["cp.resnet.bn1.num_batches_tracked"]) == 0
+
+    state["ffm.convblk.bn.num_batches_tracked"] = torch.tensor(5)  # only some counters: a damaged file
+    torch.save(state, path)
+    with pytest.raises(CheckpointError, match=r"missing keys: cp\.resnet\.bn1\.num_batches_tracked"):
+        load_face_parser_checkpoint(path)
+
+
 def test_wrong_checkpoints_name_the_keys(parser, tmp_path):
     state = dict(parser.state_dict())
     del state["cp.arm16.bn_atten.running_var"]

@@ -229,10 +229,21 @@ def hair_and_face_masks(logits: Tensor) -> tuple[Tensor, Tensor]:
     return hair.float(), face.float()
 
 
+def _add_batch_counters_if_all_absent(state_dict: dict[str, Tensor], expected: dict[str, Tensor]) -> None:
+    """Files written before torch 0.4.1 have no BatchNorm `num_batches_tracked`; torch's BatchNorm loader
+    fills them in for such files, and so does this (the counter plays no part at inference). A file that
+    lacks only some of them is damaged and still fails the strict load."""
+    counters = [key for key in expected if key.endswith(".num_batches_tracked")]
+    if not any(key in state_dict for key in counters):
+        state_dict.update({key: torch.zeros((), dtype=torch.long) for key in counters})
+
+
 def load_face_parser_checkpoint(path: Path) -> FaceParser:
     """A FaceParser (eval mode) with the weights of a checkpoint in the public `79999_iter.pth` layout
     (a bare state dict; 'module.' prefixes and {'state_dict': ...} wrappers accepted), loaded strictly.
     Raises CheckpointError naming missing, unexpected and mis-shaped keys."""
     parser = FaceParser()
-    load_strict(parser, read_state_dict(Path(path)), f"face parser checkpoint {path}")
+    state_dict = read_state_dict(Path(path))
+    _add_batch_counters_if_all_absent(state_dict, parser.state_dict())
+    load_strict(parser, state_dict, f"face parser checkpoint {path}")
     return parser.eval()
