@@ -26,6 +26,15 @@ from fashionserve.hair.stages import HairConfig, parse_layers  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
 
+def parse_units(text: str) -> tuple[int, int, int, int]:
+    """'1,2,2,1' -> (1, 2, 2, 1)."""
+    try:
+        first, second, third, fourth = (int(v) for v in text.split(","))
+    except ValueError:
+        raise ValueError(f"--encoder-units must be four integers like 3,4,14,3, got {text!r}") from None
+    return first, second, third, fourth
+
+
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -54,6 +63,12 @@ def parse_args() -> argparse.Namespace:
     shape.add_argument("--n-mlp", type=int, default=8, help="mapping network layers (default 8)")
     shape.add_argument("--channel-max", type=int, default=512, help="cap on generator widths (default 512)")
     shape.add_argument("--encoder-size", type=int, default=256, help="e4e input side (default 256)")
+    shape.add_argument(
+        "--encoder-width", type=int, default=64, help="e4e body width, style_dim / 8 (default 64)"
+    )
+    shape.add_argument(
+        "--encoder-units", help="IR-SE units per e4e body stage, e.g. 1,2,2,1 (default 3,4,14,3)"
+    )
     shape.add_argument("--parser-size", type=int, default=512, help="face parser input side (default 512)")
     pipeline = parser.add_argument_group("hair transfer")
     pipeline.add_argument(
@@ -87,7 +102,9 @@ def main() -> None:
         config = HairConfig(
             image_size=args.resolution, generator_size=args.generator_size or args.resolution,
             style_dim=args.style_dim, n_mlp=args.n_mlp, channel_max=args.channel_max,
-            encoder_input_size=args.encoder_size, parser_size=args.parser_size,
+            encoder_input_size=args.encoder_size, encoder_base_width=args.encoder_width,
+            encoder_stage_units=parse_units(args.encoder_units) if args.encoder_units else None,
+            parser_size=args.parser_size,
             hair_layers=parse_layers(args.hair_layers) if args.hair_layers else (),
             feather_sigma=args.feather_sigma,
         )  # fmt: skip

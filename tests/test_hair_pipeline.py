@@ -2,6 +2,7 @@
 Triton against the PyTorch reference, bad inputs, and the export and client CLIs as a user runs them."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -11,21 +12,23 @@ import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
+from fashionserve.checkpoints import sha256_file
 from fashionserve.client import ClientError, TritonModelClient
 from fashionserve.hair.bundle import (
     EDIT,
     PIPELINE,
     STAGES,
     TRANSFER,
+    build_networks,
     edit_inputs,
-    export_bundle,
     load_networks,
+    portraits,
     stage_runs,
     transfer_inputs,
 )
 from fashionserve.hair.parser import FACE_CLASSES, HAIR_CLASS, NUM_CLASSES
 from fashionserve.hair.samples import SAMPLE_PORTRAITS, draw_portrait, sample_direction
-from fashionserve.hair.stages import HairComposite, HairConfig, HairMix, parse_layers
+from fashionserve.hair.stages import HairComposite, HairConfig, HairMix, HairPreprocess, parse_layers
 from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import run_onnx
 from fashionserve.repository import TRACKED_REPOSITORY, RenderError, read_config, render_repository
@@ -36,15 +39,18 @@ SIZE = 64
 CONFIG = HairConfig(
     image_size=SIZE,
     generator_size=32,
-    style_dim=32,
+    style_dim=128,
     n_mlp=2,
     channel_max=32,
     encoder_input_size=64,
+    encoder_base_width=16,
+    encoder_stage_units=(1, 2, 2, 1),
     parser_size=64,
 )
 SMALL_ARCH = [
-    "--resolution", "64", "--generator-size", "32", "--style-dim", "32", "--n-mlp", "2",
-    "--channel-max", "32", "--encoder-size", "64", "--parser-size", "64",
+    "--resolution", "64", "--generator-size", "32", "--style-dim", "128", "--n-mlp", "2",
+    "--channel-max", "32", "--encoder-size", "64", "--encoder-width", "16", "--encoder-units", "1,2,2,1",
+    "--parser-size", "64",
 ]  # fmt: skip
 SKIN = FACE_CLASSES[0]
 INPUTS = {TRANSFER: ("portrait", "reference"), EDIT: ("portrait", "direction", "strength")}
@@ -60,36 +66,54 @@ def one_line_error(result) -> str:
 
 
 @pytest.fixture(scope="module")
-def pipeline():
-    """Random-init networks whose parser finds hair and face: its output rows are swapped so that the two
-    classes the untrained head picks most are hair and skin (the composite then has something to paste)."""
-    pipeline, provenance = load_networks(CONFIG, None, None, None, seed=0)
-    head = pipeline.stages["hair_parser"].conv_out.conv_out.weight
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    """Small random networks saved in the public layouts (e4e .pt, face parser .pth). The parser's output
+    rows are swapped so that the two classes its untrained head picks most are hair and skin: the
+    composite then has something to paste."""
+    folder = tmp_path_factory.mktemp("checkpoints")
+    torch.manual_seed(7)
+    encoder, generator, parser = build_networks(CONFIG)
     with torch.no_grad():
-        portrait = transfer_inputs(CONFIG, 2, 0)[0]
-        counts = np.bincount(
-            pipeline.stages["hair_parser"](pipeline.stages["hair_preprocess"](portrait)[1])
-            .argmax(1)
-            .flatten(),
-            minlength=NUM_CLASSES,
-        )
+        parser_input = HairPreprocess(CONFIG)(portraits(CONFIG, 3, 0))[1]
+        counts = np.bincount(parser(parser_input).argmax(1).flatten(), minlength=NUM_CLASSES)
         first, second = np.argsort(counts)[::-1][:2]
+        head = parser.conv_out.conv_out.weight
         for source, target in ((first, HAIR_CLASS), (second, SKIN)):
             head[[source, target]] = head[[target, source]].clone()
-    return pipeline, provenance
+    state_dict = {
+        **{f"encoder.{k}": v for k, v in encoder.state_dict().items()},
+        **{f"decoder.{k}": v for k, v in generator.state_dict().items()},
+    }
+    latent_avg = generator.mean_latent().repeat(CONFIG.n_latent, 1)
+    torch.save({"state_dict": state_dict, "latent_avg": latent_avg, "opts": {}}, folder / "e4e.pt")
+    torch.save(parser.state_dict(), folder / "79999_iter.pth")
+    return folder / "e4e.pt", folder / "79999_iter.pth"
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory, pipeline):
-    model, provenance = pipeline
+def pipeline(checkpoints):
+    """The PyTorch reference, loaded from the checkpoints like the export does."""
+    model, _ = load_networks(CONFIG, *checkpoints, None, seed=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory, checkpoints) -> tuple[Path, dict, str]:
+    """The bundle, exported from the checkpoints with the CLI; returns (folder, manifest, CLI output)."""
     out = tmp_path_factory.mktemp("bundles") / "hair"
-    return out, export_bundle(model, provenance, out, log=lambda _: None)
+    e4e, parser = checkpoints
+    result = run_cli(
+        "export/hair.py", "--e4e-checkpoint", str(e4e), "--parser-checkpoint", str(parser), *SMALL_ARCH,
+        "--out", str(out),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return out, json.loads((out / "manifest.json").read_text()), result.stdout
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, bundle):
     repository = tmp_path_factory.mktemp("triton") / "repository"
-    render_repository(*bundle, repository, target="cpu")
+    render_repository(*bundle[:2], repository, target="cpu")
     with TritonServer(repository=repository) as triton:
         yield triton
 
@@ -99,10 +123,13 @@ def reference(pipeline, ensemble: str, inputs: tuple[torch.Tensor, ...]) -> np.n
         return (pipeline.transfer if ensemble == TRANSFER else pipeline.edit)(*inputs).numpy()
 
 
-def test_manifest_records_both_ensembles_and_provenance(bundle):
-    _, manifest = bundle
+def test_manifest_records_both_ensembles_and_provenance(bundle, checkpoints):
+    _, manifest, output = bundle
     assert manifest["pipeline"] == PIPELINE and list(manifest["ensembles"]) == [TRANSFER, EDIT]
-    assert manifest["weights"] == "random-init" and manifest["random_init"] is True
+    assert manifest["weights"] == "checkpoint" and manifest["random_init"] is False
+    assert manifest["e4e_checkpoint_sha256"] == sha256_file(checkpoints[0])
+    assert manifest["parser_checkpoint_sha256"] == sha256_file(checkpoints[1])
+    assert "[8/8] exporting hair_composite" in output and "random-init" not in output
     assert list(manifest["models"]) == [s.name for s in STAGES]
     assert manifest["config"]["hair_layers"] == [4, 5, 6, 7] and manifest["config"]["n_latent"] == 8
     assert manifest["hair_class"] == HAIR_CLASS and manifest["face_classes"] == list(FACE_CLASSES)
@@ -111,7 +138,7 @@ def test_manifest_records_both_ensembles_and_provenance(bundle):
     assert transfer["input_contract"] == [{"name": "portrait", **image}, {"name": "reference", **image}]
     assert edit["input_contract"] == [
         {"name": "portrait", **image},
-        {"name": "direction", "dtype": "float32", "shape": [8, 32]},
+        {"name": "direction", "dtype": "float32", "shape": [8, 128]},
         {"name": "strength", "dtype": "float32", "shape": [1]},
     ]
     assert transfer["output_contract"] == edit["output_contract"] == [{"name": "hair_image", **image}]
@@ -123,7 +150,7 @@ def test_manifest_records_both_ensembles_and_provenance(bundle):
 
 @pytest.mark.parametrize("ensemble", [TRANSFER, EDIT])
 def test_tracked_wiring_equals_reference_pipeline(pipeline, ensemble):
-    model, _ = pipeline
+    model = pipeline
     inputs = (transfer_inputs if ensemble == TRANSFER else edit_inputs)(CONFIG, 2, 7)
     recorded = stage_runs(model, ensemble, inputs)
     assert np.array_equal(recorded["hair_composite"][1][0].numpy(), reference(model, ensemble, inputs))
@@ -134,8 +161,8 @@ def test_tracked_wiring_equals_reference_pipeline(pipeline, ensemble):
 
 @pytest.mark.parametrize("ensemble", [TRANSFER, EDIT])
 def test_every_stage_matches_pytorch_on_sample_inputs(bundle, pipeline, ensemble):
-    directory, _ = bundle
-    model, _ = pipeline
+    directory = bundle[0]
+    model = pipeline
     inputs = (transfer_inputs if ensemble == TRANSFER else edit_inputs)(CONFIG, 3, 11)
     for stage in STAGES:
         recorded = stage_runs(model, ensemble, inputs).get(stage.name)
@@ -152,7 +179,7 @@ def test_every_stage_matches_pytorch_on_sample_inputs(bundle, pipeline, ensemble
 
 
 def test_mix_takes_the_hair_layers_from_the_reference(bundle):
-    portrait, reference_latent = torch.zeros(2, 8, 32), torch.ones(2, 8, 32)
+    portrait, reference_latent = torch.zeros(2, 8, 128), torch.ones(2, 8, 128)
     mixed = HairMix(CONFIG)(portrait, reference_latent)
     assert mixed[:, :4].eq(0).all() and mixed[:, 4:].eq(1).all()
     session = ort.InferenceSession(
@@ -222,7 +249,7 @@ def test_composite_replaces_only_the_feathered_hair_region(bundle):
 
 
 def test_render_serves_both_ensembles_from_one_bundle(bundle, tmp_path):
-    directory, manifest = bundle
+    directory, manifest, _ = bundle
     names = render_repository(directory, manifest, tmp_path / "cpu", target="cpu", version=2)
     assert names == [
         TRANSFER, EDIT, "hair_preprocess", "hair_encoder", "hair_parser", "hair_mix", "hair_generator",
@@ -235,7 +262,7 @@ def test_render_serves_both_ensembles_from_one_bundle(bundle, tmp_path):
     steps = [s.model_name for s in transfer.ensemble_scheduling.step]
     assert steps.count("hair_encoder") == 2 and steps.count("hair_parser") == 2
     edit = read_config(tmp_path / "cpu" / EDIT / "config.pbtxt")
-    assert [list(t.dims) for t in edit.input] == [[SIZE, SIZE, 3], [8, 32], [1]]
+    assert [list(t.dims) for t in edit.input] == [[SIZE, SIZE, 3], [8, 128], [1]]
     parser = read_config(tmp_path / "cpu" / "hair_parser" / "config.pbtxt")
     assert parser.backend == "python" and list(parser.output[0].dims) == [NUM_CLASSES, SIZE, SIZE]
     with pytest.raises(RenderError, match="hair_encoder: no TensorRT plan"):
@@ -260,7 +287,7 @@ def test_the_two_encoder_passes_are_independent_steps():
 @pytest.mark.parametrize("protocol", ["grpc", "http"])
 @pytest.mark.parametrize("ensemble", [TRANSFER, EDIT])
 def test_ensemble_equals_reference_pipeline_for_a_batch_of_two(server, pipeline, ensemble, protocol):
-    model, _ = pipeline
+    model = pipeline
     inputs = (transfer_inputs if ensemble == TRANSFER else edit_inputs)(CONFIG, 2, 3)
     url = server.grpc_url if protocol == "grpc" else server.http_url
     client = TritonModelClient(url, ensemble, protocol)
@@ -316,7 +343,7 @@ def test_client_validates_before_sending(server):
     portrait, direction, strength = (t.numpy() for t in edit_inputs(CONFIG, 1, 0))
     client = TritonModelClient(server.grpc_url, EDIT)
     with pytest.raises(
-        ClientError, match=r"input 'direction': expected shape \[batch, 8, 32\], got \[1, 32\]"
+        ClientError, match=r"input 'direction': expected shape \[batch, 8, 128\], got \[1, 128\]"
     ):
         client.infer({"portrait": portrait, "direction": direction[:, 0], "strength": strength})
     with pytest.raises(ClientError, match="input 'portrait': expected dtype uint8, got float32"):
@@ -324,7 +351,7 @@ def test_client_validates_before_sending(server):
     client.close()
 
 
-def test_export_cli_writes_a_labelled_bundle_and_refuses_bad_arguments(tmp_path):
+def test_export_cli_writes_a_labelled_bundle_and_refuses_bad_arguments(tmp_path, checkpoints):
     out = tmp_path / "hair"
     result = run_cli(
         "export/hair.py", "--random-init", *SMALL_ARCH, "--hair-layers", "3-7", "--out", str(out)
@@ -335,6 +362,7 @@ def test_export_cli_writes_a_labelled_bundle_and_refuses_bad_arguments(tmp_path)
     assert "[random-init: outputs are noise]" in result.stdout
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["weights"] == "random-init" and manifest["config"]["hair_layers"] == [3, 4, 5, 6, 7]
+    assert manifest["latent_avg"] == "mean W of the random-init generator"
     assert all((out / name / "model.onnx").is_file() for name in manifest["models"])
     assert "0..7" in one_line_error(
         run_cli(
@@ -363,6 +391,23 @@ def test_export_cli_writes_a_labelled_bundle_and_refuses_bad_arguments(tmp_path)
         )
     )
     assert str(missing) in error
+    e4e, parser = checkpoints
+    broken = torch.load(e4e)
+    del broken["state_dict"]["encoder.latlayer1.bias"]
+    torch.save(broken, tmp_path / "broken.pt")
+    error = one_line_error(
+        run_cli(
+            "export/hair.py",
+            "--e4e-checkpoint",
+            str(tmp_path / "broken.pt"),
+            "--parser-checkpoint",
+            str(parser),
+            *SMALL_ARCH,
+            "--out",
+            str(tmp_path / "b"),
+        )  # fmt: skip
+    )
+    assert "latlayer1.bias" in error and "missing" in error
     result = run_cli("export/hair.py", "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and "--random-init" in result.stderr
     assert not (tmp_path / "b").exists() and not list(tmp_path.glob("*.partial"))
@@ -397,8 +442,8 @@ def test_client_cli_transfers_the_samples_and_explicit_files(server, tmp_path):
 
 
 def test_client_cli_edits_with_a_direction_file(server, pipeline, tmp_path):
-    model, _ = pipeline
-    direction = sample_direction(32, seed=5)
+    model = pipeline
+    direction = sample_direction(128, seed=5)
     np.save(tmp_path / "bangs.npy", direction[None])  # InterFaceGAN's [1, style_dim] layout
     Image.fromarray(draw_portrait(2, SIZE)).save(tmp_path / "me.png")
     result = run_cli(
@@ -423,7 +468,7 @@ def test_client_cli_edits_with_a_direction_file(server, pipeline, tmp_path):
 def test_client_cli_refuses_bad_inputs_in_one_line(server, tmp_path):
     Image.new("RGB", (SIZE, SIZE - 8)).save(tmp_path / "wide.png")
     Image.fromarray(draw_portrait(0, SIZE)).save(tmp_path / "me.png")
-    np.save(tmp_path / "bad.npy", np.zeros((3, 32), np.float32))
+    np.save(tmp_path / "bad.npy", np.zeros((3, 128), np.float32))
     url = ["--url", server.grpc_url, "--out", str(tmp_path / "out")]
     cases = [
         (
@@ -436,7 +481,7 @@ def test_client_cli_refuses_bad_inputs_in_one_line(server, tmp_path):
         ),
         (
             ["--portrait", str(tmp_path / "me.png"), "--direction", str(tmp_path / "bad.npy")],
-            "has shape [3, 32]",
+            "has shape [3, 128]",
         ),
         (["--model", "nope"], "model 'nope'"),
     ]

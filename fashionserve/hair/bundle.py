@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from fashionserve.bundle import RANDOM_INIT, Stage, export_pipeline, record_stage_runs
-from fashionserve.checkpoints import CheckpointError, sha256_file
+from fashionserve.checkpoints import sha256_file
 from fashionserve.hair.encoder import Encoder4Editing, load_e4e_checkpoint
 from fashionserve.hair.parser import (
     CELEBAMASK_CLASSES,
@@ -81,6 +81,8 @@ def build_networks(config: HairConfig) -> tuple[Encoder4Editing, StyleGAN2Genera
         style_dim=config.style_dim,
         num_layers=config.encoder_num_layers,
         input_size=config.encoder_input_size,
+        base_width=config.encoder_base_width,
+        stage_units=config.encoder_stage_units,
     )
     return encoder, generator, FaceParser()
 
@@ -93,15 +95,18 @@ def load_networks(
     seed: int,
 ) -> tuple[HairPipeline, dict]:
     """Reference pipeline from the user's checkpoints (strict) or seeded random weights, plus provenance.
-    The e4e checkpoint holds the encoder and its StyleGAN2 decoder; `generator_checkpoint` (rosinality
-    `g_ema`) replaces that decoder when given."""
+    The e4e checkpoint holds the encoder, its StyleGAN2 decoder and the average latent;
+    `generator_checkpoint` (rosinality `g_ema`) replaces that decoder when given. Random-init sets the
+    encoder's average latent to the random generator's mean W, as e4e's is its generator's."""
     torch.manual_seed(seed)
     random_init = e4e_checkpoint is None
     provenance: dict = {"random_init": random_init, "seed": seed}
+    encoder, generator, parser = build_networks(config)
     if random_init:
-        encoder, generator, parser = build_networks(config)
+        encoder.set_latent_avg(generator.mean_latent(seed=seed))
+        provenance["latent_avg"] = "mean W of the random-init generator"
     else:
-        encoder, generator = load_e4e_checkpoint(e4e_checkpoint)
+        encoder, generator = load_e4e_checkpoint(e4e_checkpoint, encoder, generator)
         parser = load_face_parser_checkpoint(parser_checkpoint)
         provenance.update(
             e4e_checkpoint=str(e4e_checkpoint),
@@ -115,11 +120,6 @@ def load_networks(
                 generator_checkpoint=str(generator_checkpoint),
                 generator_checkpoint_sha256=sha256_file(generator_checkpoint),
             )
-    if (generator.size, generator.style_dim) != (config.generator_size, config.style_dim):
-        raise CheckpointError(
-            f"the checkpoint's generator is {generator.size}px with style_dim {generator.style_dim}; "
-            f"export it with --generator-size {generator.size} --style-dim {generator.style_dim}"
-        )
     pipeline = HairPipeline(config, encoder.eval(), generator.eval(), parser.eval()).eval()
     return pipeline, provenance
 

@@ -58,6 +58,8 @@ class HairConfig:
     channel_max: int = 512
     encoder_input_size: int = 256
     encoder_num_layers: int = 50
+    encoder_base_width: int = 64  # e4e body width; style_dim must be 8x it (512 = 8 x 64, as public)
+    encoder_stage_units: tuple[int, int, int, int] | None = None  # IR-SE-50's (3, 4, 14, 3) by default
     parser_size: int = 512
     # W+ layers taken from the reference in hair_transfer (default: default_hair_layers)
     hair_layers: tuple[int, ...] = field(default=())
