@@ -65,13 +65,11 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+def write_checkpoints(folder: Path, seed: int) -> tuple[Path, Path]:
     """Small random networks saved in the public layouts (e4e .pt, face parser .pth). The parser's output
     rows are swapped so that the two classes its untrained head picks most are hair and skin: the
     composite then has something to paste."""
-    folder = tmp_path_factory.mktemp("checkpoints")
-    torch.manual_seed(7)
+    torch.manual_seed(seed)
     encoder, generator, parser = build_networks(CONFIG)
     with torch.no_grad():
         parser_input = HairPreprocess(CONFIG)(portraits(CONFIG, 3, 0))[1]
@@ -85,9 +83,15 @@ def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
         **{f"decoder.{k}": v for k, v in generator.state_dict().items()},
     }
     latent_avg = generator.mean_latent().repeat(CONFIG.n_latent, 1)
+    folder.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state_dict, "latent_avg": latent_avg, "opts": {}}, folder / "e4e.pt")
     torch.save(parser.state_dict(), folder / "79999_iter.pth")
     return folder / "e4e.pt", folder / "79999_iter.pth"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory) -> tuple[Path, Path]:
+    return write_checkpoints(tmp_path_factory.mktemp("checkpoints"), seed=7)
 
 
 @pytest.fixture(scope="module")
