@@ -31,6 +31,7 @@ from fashionserve.hair.samples import SAMPLE_PORTRAITS, draw_portrait, sample_di
 from fashionserve.hair.stages import HairComposite, HairConfig, HairMix, HairPreprocess, parse_layers
 from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import run_onnx
+from fashionserve.plans import plan_networks
 from fashionserve.repository import TRACKED_REPOSITORY, RenderError, read_config, render_repository
 from tests.conftest import run_cli
 
@@ -269,6 +270,7 @@ def test_render_serves_both_ensembles_from_one_bundle(bundle, tmp_path):
     assert [list(t.dims) for t in edit.input] == [[SIZE, SIZE, 3], [8, 128], [1]]
     parser = read_config(tmp_path / "cpu" / "hair_parser" / "config.pbtxt")
     assert parser.backend == "python" and list(parser.output[0].dims) == [NUM_CLASSES, SIZE, SIZE]
+    assert plan_networks(manifest) == ["hair_encoder", "hair_parser", "hair_generator"]  # TensorRT on gpu
     with pytest.raises(RenderError, match="hair_encoder: no TensorRT plan"):
         render_repository(directory, manifest, tmp_path / "gpu", target="gpu")
 
