@@ -403,6 +403,8 @@ def test_encoder_latent_avg_shapes_and_validation():
         Encoder4Editing(num_layers=100)
     with pytest.raises(ValueError, match="style_dim must equal"):
         Encoder4Editing(style_dim=256)
+    with pytest.raises(ValueError, match="input_size must be a power of two"):
+        Encoder4Editing(input_size=192)
     with pytest.raises(ValueError, match="base_width must be a multiple of 16"):
         Encoder4Editing(base_width=8, style_dim=64)
 
@@ -419,7 +421,13 @@ def e4e_checkpoint(encoder: Encoder4Editing, generator: StyleGAN2Generator, **ex
 def test_e4e_checkpoint_loads_encoder_generator_and_latent_avg(tmp_path):
     encoder, generator = small_encoder(seed=1), small_generator(seed=1, style_dim=128)
     path = tmp_path / "e4e.pt"
-    torch.save(e4e_checkpoint(encoder, generator), path)
+    training_state = {  # what e4e's coach adds with save_training_data: ignored by the loader
+        "global_step": 1000,
+        "best_val_loss": 0.25,
+        "optimizer": {"state": {}, "param_groups": [{"lr": 1e-4}]},
+        "discriminator_state_dict": {"w_discriminator.0.weight": torch.zeros(2, 2)},
+    }
+    torch.save(e4e_checkpoint(encoder, generator, **training_state), path)
     fresh_encoder, fresh_generator = small_encoder(seed=2), small_generator(seed=2, style_dim=128)
     assert not torch.equal(fresh_encoder.latent_avg, encoder.latent_avg)
     loaded_encoder, loaded_generator = load_e4e_checkpoint(path, fresh_encoder, fresh_generator)
