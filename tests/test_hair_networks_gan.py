@@ -130,7 +130,8 @@ def test_generator_state_dict_matches_public_listing(size):
     listing = read_listing(HAIR / "stylegan2_state_dict_keys.txt")
     assert sorted(listing) == ["g_ema_1024", "g_ema_256"]
     assert len(listing["g_ema_1024"]) == 171 and len(listing["g_ema_256"]) == 135
-    generator = StyleGAN2Generator(size=size)
+    with torch.device("meta"):  # shapes only
+        generator = StyleGAN2Generator(size=size)
     assert keys_and_shapes(generator) == listing[f"g_ema_{size}"]
     assert generator.n_latent == {1024: 18, 256: 14}[size]
     assert sum(p.numel() for p in generator.parameters()) == {1024: 30_370_060, 256: 30_034_338}[size]
