@@ -92,7 +92,7 @@ class Encoder4Editing(nn.Module):
     `StyleGAN2Generator.mean_latent()`).
 
     Test knobs: `base_width` (64 public) scales the body, `stage_units` overrides the IR-SE-50 unit counts,
-    `input_size` (256 public, a multiple of 64) sets the tapped map sizes. `style_dim` must equal the
+    `input_size` (256 public, a power of two) sets the tapped map sizes. `style_dim` must equal the
     body's last depth (8 * base_width) as in e4e, where both are 512.
     """
 
@@ -113,8 +113,9 @@ class Encoder4Editing(nn.Module):
             raise ValueError(
                 f"base_width must be a multiple of {SE_REDUCTION} (SE reduction), got {base_width}"
             )
-        if input_size % 64 != 0:
-            raise ValueError(f"input_size must be a multiple of 64, got {input_size}")
+        if input_size < 32 or input_size & (input_size - 1):
+            # Style blocks halve input / 16 (or / 8, / 4) down to exactly 1x1.
+            raise ValueError(f"input_size must be a power of two of at least 32, got {input_size}")
         widths = [base_width * factor for factor in STAGE_WIDTHS]
         if style_dim != widths[-1]:
             raise ValueError(f"style_dim must equal 8 * base_width = {widths[-1]}, got {style_dim}")
