@@ -112,9 +112,12 @@ def main() -> None:
         raise UserError(str(exc)) from None
     started = time.monotonic()
     print(f"building networks ({f'random-init, seed {args.seed}' if args.random_init else 'checkpoints'})")
-    pipeline, provenance = load_networks(
-        config, args.e4e_checkpoint, args.parser_checkpoint, args.generator_checkpoint, args.seed
-    )
+    try:
+        pipeline, provenance = load_networks(
+            config, args.e4e_checkpoint, args.parser_checkpoint, args.generator_checkpoint, args.seed
+        )
+    except ValueError as exc:  # a size or width the networks cannot be built with
+        raise UserError(str(exc)) from None
     manifest = export_bundle(pipeline, provenance, args.out, max_batch=args.max_batch)
     tag = f" [{RANDOM_INIT}: outputs are noise]" if manifest["random_init"] else ""
     config = manifest["config"]

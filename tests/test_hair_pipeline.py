@@ -384,6 +384,11 @@ def test_export_cli_writes_a_labelled_bundle_and_refuses_bad_arguments(tmp_path,
             str(tmp_path / "b"),
         )
     )
+    mismatched = [*SMALL_ARCH[:5], "64", *SMALL_ARCH[6:]]  # style_dim 64 with an encoder of width 16
+    assert SMALL_ARCH[4] == "--style-dim"
+    assert "style_dim must equal 8 * base_width = 128" in one_line_error(
+        run_cli("export/hair.py", "--random-init", *mismatched, "--out", str(tmp_path / "b"))
+    )
     assert "multiple of 32" in one_line_error(
         run_cli("export/hair.py", "--random-init", "--parser-size", "100", "--out", str(tmp_path / "b"))
     )

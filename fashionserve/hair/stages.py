@@ -79,6 +79,8 @@ class HairConfig:
         bad = [layer for layer in self.hair_layers if not 0 <= layer < self.n_latent]
         if bad:
             raise ValueError(f"hair layers {bad} are outside 0..{self.n_latent - 1} (W+ of {self.n_latent})")
+        if self.feather_sigma < 0:
+            raise ValueError(f"feather sigma must be positive, got {self.feather_sigma:g}")
         if not self.feather_sigma:
             object.__setattr__(self, "feather_sigma", self.parser_size / 64)
 
