@@ -35,6 +35,7 @@ from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonMode
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 
 TRANSFER, EDIT = "hair_transfer", "hair_edit"
+INPUTS = {TRANSFER: ("portrait", "reference"), EDIT: ("portrait", "direction", "strength")}
 
 Item = tuple[str, dict[str, np.ndarray]]  # output name, one sample's inputs
 
@@ -161,8 +162,11 @@ def main() -> None:
         args.url or DEFAULT_URLS[args.protocol], args.model or args.mode, args.protocol
     )
     shapes = {spec.name: spec.shape for spec in client.inputs}
-    if "portrait" not in shapes:
-        raise UserError(f"model '{client.model}' is not a hair ensemble (it takes {sorted(shapes)})")
+    expected = INPUTS[args.mode]
+    if set(shapes) != set(expected):
+        raise UserError(
+            f"model '{client.model}' takes {sorted(shapes)}, not the {args.mode} inputs {list(expected)}"
+        )
     size = shapes["portrait"][0]
     if args.mode == EDIT:
         n_latent, style_dim = shapes["direction"]

@@ -498,6 +498,7 @@ def test_client_cli_refuses_bad_inputs_in_one_line(server, tmp_path):
             "has shape [3, 128]",
         ),
         (["--model", "nope"], "model 'nope'"),
+        (["--model", TRANSFER, "--strength", "1"], "not the hair_edit inputs"),
     ]
     for args, fragment in cases:
         assert fragment in one_line_error(run_cli("client/hair.py", *args, *url)), args
