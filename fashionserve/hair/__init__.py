@@ -1,0 +1,1 @@
+"""Hairstyle try-on: networks and pipeline stages."""
