@@ -34,37 +34,47 @@ def _strip_module_prefix(state_dict: dict) -> OrderedDict:
     return stripped
 
 
-def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    """torch.load(map_location='cpu', weights_only=True); a missing file, a non-checkpoint, or a file that is
-    not a flat dict of tensors raises CheckpointError naming the path. Accept {'state_dict': {...}} wrappers
-    and strip a leading 'module.' prefix if every key has it. torch's per-module version metadata is kept
-    (it tells load_state_dict how old-format entries, e.g. spectral norm's, are to be read)."""
+def read_checkpoint(path: Path) -> object:
+    """torch.load(map_location='cpu', weights_only=True) of whatever the file holds; a missing file or a
+    non-checkpoint raises CheckpointError naming the path."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises many types (UnpicklingError, RuntimeError, KeyError, ...)
         detail = (str(exc).strip().splitlines() or [""])[0][:200]
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(exc).__name__}: {detail})"
         ) from exc
-    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
-        loaded = loaded["state_dict"]
+
+
+def state_dict_of(loaded: object, source: str) -> dict[str, torch.Tensor]:
+    """`loaded` checked to be a non-empty flat dict of tensors (else CheckpointError naming `source`), with
+    a leading 'module.' prefix stripped if every key has it. torch's per-module version metadata is kept
+    (it tells load_state_dict how old-format entries, e.g. spectral norm's, are to be read)."""
     if not isinstance(loaded, dict):
-        raise CheckpointError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
+        raise CheckpointError(f"{source}: expected a dict of tensors, got {type(loaded).__name__}")
     if not loaded:
-        raise CheckpointError(f"{path}: the checkpoint holds no tensors")
+        raise CheckpointError(f"{source}: the checkpoint holds no tensors")
     bad = [
         repr(key) for key, value in loaded.items() if not isinstance(key, str) or not torch.is_tensor(value)
     ]
     if bad:
         raise CheckpointError(
-            f"{path}: not a flat dict of tensors; entries that are not tensors: {_listing(bad)}"
+            f"{source}: not a flat dict of tensors; entries that are not tensors: {_listing(bad)}"
         )
     if all(key.startswith(MODULE_PREFIX) for key in loaded):
         loaded = _strip_module_prefix(loaded)
     return loaded
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """read_checkpoint, then state_dict_of; accepts {'state_dict': {...}} wrappers."""
+    loaded = read_checkpoint(path)
+    if isinstance(loaded, dict) and isinstance(loaded.get("state_dict"), dict):
+        loaded = loaded["state_dict"]
+    return state_dict_of(loaded, str(path))
 
 
 def load_strict(module: nn.Module, state_dict: dict, what: str) -> None:

@@ -15,11 +15,11 @@ LISTING = Path(__file__).parent.parent / "fashionserve" / "networks" / "hrviton_
 NETWORKS = {"tocg": ConditionGenerator, "gen": ImageGenerator}
 
 
-def read_listing() -> dict[str, list[tuple[str, list[int]]]]:
-    """Sections of the official key/shape listing: name -> [(key, shape)] in file order."""
+def read_listing(path: Path = LISTING) -> dict[str, list[tuple[str, list[int]]]]:
+    """Sections of an official key/shape listing: name -> [(key, shape)] in file order."""
     sections: dict[str, list[tuple[str, list[int]]]] = {}
     current: list[tuple[str, list[int]]] = []
-    for line in LISTING.read_text().splitlines():
+    for line in path.read_text().splitlines():
         if line.startswith("## SECTION "):
             current = sections.setdefault(line.split()[2].rstrip(":"), [])
         elif line.strip() and not line.startswith("#"):
