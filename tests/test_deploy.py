@@ -184,8 +184,11 @@ def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str
         published = [p for p in triton.get("ports", []) if p.endswith(f":{port}")]
         if [p.split(":")[1] for p in published] != [str(port)]:
             problems.append(f"Triton's {port_name} port {port} is not published as {port} by default")
-    probe = " ".join(triton.get("healthcheck", {}).get("test", []))
-    problems += probe_problems(re.search(r"127\.0\.0\.1:8000(/[\w/]+)", probe).group(1), "triton healthcheck")
+    probe = re.search(r"127\.0\.0\.1:8000(/[\w/]+)", " ".join(triton.get("healthcheck", {}).get("test", [])))
+    if probe is None:
+        problems.append("the triton healthcheck does not ask Triton's HTTP port")
+    else:
+        problems += probe_problems(probe.group(1), "triton healthcheck")
 
     sync = services.get("sync", {}).get("command", [])
     if flag(sync, "triton-url") != f"triton:{TRITON_PORTS['http']}":
@@ -486,10 +489,8 @@ def test_one_release_pins_triton_and_tensorrt_everywhere(env_example):
             for c in spec.get("initContainers", []) + spec["containers"]
         ]
         assert f"nvcr.io/nvidia/tritonserver:{release}-py3" in images
-        assert [i for i in images if "plans" in i.rpartition(":")[0]] == [
-            next(i for i in images if "plans" in i)
-        ]
-        assert next(i for i in images if "plans" in i).rpartition(":")[2].startswith(f"{release}-")
+        plans = {image for image in images if image.rpartition(":")[0].endswith("plans")}
+        assert len(plans) == 1 and plans.pop().rpartition(":")[2].startswith(f"{release}-")
 
 
 def test_the_adapter_rule_builds_the_metric_from_triton_queue_time():
@@ -607,6 +608,8 @@ def test_the_stack_commands_are_accepted_by_the_clis(env_example):
     assert result.returncode == 2 and result.stderr.startswith(f"error: cannot reach MLflow at {dead}"), (
         result.stderr
     )
+    wrong = run_cli("mlflow/sync.py", "--repository=/models", "--plans=/plans")  # cpu target
+    assert wrong.returncode == 2 and "--plans applies to --target gpu only" in wrong.stderr
     plans = [*services["plan-builder"]["entrypoint"][1:], "--version", "3"]
     result = run_cli(*plans, timeout=120)
     assert result.returncode == 2 and "error: TensorRT is not installed" in result.stderr, result.stderr
