@@ -482,6 +482,8 @@ def test_one_release_pins_triton_and_tensorrt_everywhere(env_example):
     dockerfile = (PROJECT_ROOT / "deploy" / "Dockerfile").read_text()
     assert f"ARG NGC_RELEASE={release}" in dockerfile
     assert "FROM nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3 AS plans" in dockerfile
+    assert f"ARG PYTHON_IMAGE={env_example['PYTHON_IMAGE']}" in dockerfile
+    assert image_problems(env_example["PYTHON_IMAGE"], "PYTHON_IMAGE") == []
     for overlay in OVERLAYS:
         images = [
             c["image"]
@@ -491,6 +493,20 @@ def test_one_release_pins_triton_and_tensorrt_everywhere(env_example):
         assert f"nvcr.io/nvidia/tritonserver:{release}-py3" in images
         plans = {image for image in images if image.rpartition(":")[0].endswith("plans")}
         assert len(plans) == 1 and plans.pop().rpartition(":")[2].startswith(f"{release}-")
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    pins = (line.split("==") for line in lines if line)
+    return {re.sub(r"\[.*\]", "", name).lower(): version for name, version in pins}
+
+
+def test_the_images_install_the_project_pins():
+    project = read_pins(PROJECT_ROOT / "requirements.txt")
+    assert project["mlflow"] == read_pins(PROJECT_ROOT / "deploy" / "requirements-mlflow.txt")["mlflow"]
+    plans = read_pins(PROJECT_ROOT / "deploy" / "requirements-plans.txt")
+    assert plans.pop("mlflow-skinny") == project["mlflow"]  # the client half of the same release
+    assert plans == {name: project[name] for name in plans}
 
 
 def test_the_adapter_rule_builds_the_metric_from_triton_queue_time():
@@ -593,26 +609,58 @@ def test_k8s_checker_names_what_a_broken_copy_breaks(case):
 # The commands compose and k8s run are accepted by the CLIs (each stops at its first real dependency)
 
 
-def test_the_stack_commands_are_accepted_by_the_clis(env_example):
-    values = {**env_example, "POSTGRES_PASSWORD": "x", "MINIO_ROOT_PASSWORD": "x"}
-    services = load_compose(COMPOSE_FILE.read_text(), values)["services"]
+def expand_k8s_variables(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes expands $(NAME) in a container's command from its environment."""
+    return re.sub(r"\$\((\w+)\)", lambda match: env[match.group(1)], arg)
+
+
+def stack_commands(source: str, env_example: dict[str, str]) -> dict[str, list[str]]:
+    """The tools' command lines as compose or the production overlay runs them (one-shot: no --watch)."""
+    if source == "compose":
+        values = {**env_example, "POSTGRES_PASSWORD": "x", "MINIO_ROOT_PASSWORD": "x"}
+        services = load_compose(COMPOSE_FILE.read_text(), values)["services"]
+        commands = {
+            "sync": services["sync"]["command"],
+            "bootstrap": services["bootstrap"]["command"],
+            "plan-builder": services["plan-builder"]["entrypoint"] + services["plan-builder"]["command"],
+        }
+    else:
+        docs = render("production")
+        settings = find(docs, "ConfigMap", "fashionserve-settings")["data"]
+        containers = {
+            name: _container(docs, kind, workload, name)
+            for kind, workload, name in [
+                ("Deployment", "triton", "sync"),
+                ("Deployment", "triton", "plan-builder"),
+                ("Job", "bootstrap", "bootstrap"),
+            ]
+        }
+        commands = {}
+        for name, container in containers.items():
+            env = {e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]] for e in container["env"]}
+            commands[name] = [expand_k8s_variables(arg, env) for arg in container["command"]]
+    assert all(command[0] == "python" for command in commands.values())
+    return {name: [a for a in command[1:] if a != "--watch"] for name, command in commands.items()}
+
+
+@pytest.mark.parametrize("source", ["compose", "k8s"])
+def test_the_stack_commands_are_accepted_by_the_clis(source, env_example):
+    """Each tool stops at its first real dependency (MLflow, TensorRT), so its arguments were accepted."""
+    commands = stack_commands(source, env_example)
     dead = "http://127.0.0.1:9"  # discard port: nothing listens
-    sync = [a for a in services["sync"]["command"][1:] if a != "--watch"] + [f"--tracking-uri={dead}"]
-    result = run_cli(*sync, timeout=120)
-    assert (result.returncode, result.stderr.splitlines()) == (
-        2,
-        [f"error: cannot reach MLflow at {dead}: [Errno 111] Connection refused"],
-    )
-    bootstrap = [*services["bootstrap"]["command"][1:], f"--tracking-uri={dead}"]
-    result = run_cli(*bootstrap, timeout=120)
-    assert result.returncode == 2 and result.stderr.startswith(f"error: cannot reach MLflow at {dead}"), (
-        result.stderr
-    )
-    wrong = run_cli("mlflow/sync.py", "--repository=/models", "--plans=/plans")  # cpu target
-    assert wrong.returncode == 2 and "--plans applies to --target gpu only" in wrong.stderr
-    plans = [*services["plan-builder"]["entrypoint"][1:], "--version", "3"]
-    result = run_cli(*plans, timeout=120)
+    for name in ("sync", "bootstrap"):
+        result = run_cli(*commands[name], f"--tracking-uri={dead}", timeout=120)
+        assert (result.returncode, result.stderr.splitlines()) == (
+            2,
+            [f"error: cannot reach MLflow at {dead}: [Errno 111] Connection refused"],
+        ), name
+    result = run_cli(*commands["plan-builder"], "--version", "3", timeout=120)
     assert result.returncode == 2 and "error: TensorRT is not installed" in result.stderr, result.stderr
+
+
+def test_sync_takes_plans_only_on_the_gpu_target():
+    result = run_cli("mlflow/sync.py", "--repository=/models", "--plans=/plans")  # cpu target
+    assert result.returncode == 2 and "--plans applies to --target gpu only" in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------------
