@@ -7,6 +7,7 @@ copies (the problem is named), so no check passes by finding nothing to check.
 """
 
 import copy
+import functools
 import importlib.util
 import json
 import re
@@ -100,8 +101,8 @@ def image_problems(image: str, where: str) -> list[str]:
 
 
 def flag(args: list[str], name: str) -> str | None:
-    """Value of `--name=value` in a command line."""
-    return next((arg.split("=", 1)[1] for arg in args if arg.startswith(f"--{name}=")), None)
+    """Value of `--name=value` in a command line; the last one wins, as in argparse."""
+    return next((arg.split("=", 1)[1] for arg in reversed(args) if arg.startswith(f"--{name}=")), None)
 
 
 def probe_problems(path: str, where: str) -> list[str]:
@@ -308,6 +309,12 @@ def test_compose_ports_are_the_client_and_launcher_defaults(env_example):
 
 
 def render(overlay: str) -> list[dict]:
+    """The overlay's manifests as `kubectl kustomize` renders them (fresh objects on every call)."""
+    return [doc for doc in yaml.safe_load_all(_kustomize(overlay)) if doc]
+
+
+@functools.cache
+def _kustomize(overlay: str) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.fail("kubectl is not installed: it renders k8s/ (kubectl kustomize); CI has it")
@@ -319,7 +326,7 @@ def render(overlay: str) -> list[dict]:
         timeout=60,
     )
     assert result.returncode == 0, result.stderr
-    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return result.stdout
 
 
 @pytest.fixture(scope="module", params=OVERLAYS)
@@ -410,7 +417,8 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     mounts = {
         name: {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])} for name, c in containers.items()
     }
-    if mounts.get("sync", {}).get("models") != flag(server.get("command", []), "model-repository"):
+    repository = flag(server.get("command", []), "model-repository")
+    if not flag(sync, "repository") == mounts.get("sync", {}).get("models") == repository:
         problems.append("the sync sidecar does not write the model repository Triton serves")
     if (
         not flag(sync, "plans")
@@ -589,6 +597,10 @@ BROKEN_K8S = {
     ),
     "sidecar writes elsewhere": (
         lambda d: _triton_container(d, "sync")["volumeMounts"][0].update(mountPath="/srv"),
+        "does not write the model repository",
+    ),
+    "sidecar syncs another folder": (
+        lambda d: _triton_container(d, "sync")["command"].append("--repository=/tmp/models"),
         "does not write the model repository",
     ),
     "undeclared volume": (
