@@ -53,6 +53,7 @@ from mlflow.tracking import MlflowClient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from fashionserve.plans import record_plan
 from fashionserve.repository import (
     TRACKED_REPOSITORY,
     RenderError,
@@ -74,6 +75,7 @@ TRITON_VERSION_TAG = "triton.version"
 LIVE_VERSION_TAG = "triton.live_version"  # on the registered model
 STATE_FILE = ".fashionserve-sync.json"  # in the served repository; Triton only looks at folders
 LOCK_FILE = ".fashionserve-sync.lock"
+PLAN_STORE_INDEX = "plans.json"
 COMPOSING_VERSIONS = 2  # the live version and the one before it, see the module docstring
 _HISTORY_LIMIT = 100
 _SETTLE_TIMEOUT_S = 60.0
@@ -290,7 +292,7 @@ def register_bundle(
             render_repository(bundle_dir, manifest, Path(tmp) / "rendered", target="cpu", source=configs)
         except RenderError as exc:
             raise RegistryError(f"bundle {bundle_dir} does not fit the Triton configs: {exc}") from None
-        tags = bundle_tags(manifest, _sha256(bundle_dir / MANIFEST))
+        tags = bundle_tags(manifest, bundle_digest(bundle_dir))
         log(f"bundle {bundle_dir} is valid ({len(manifest['models'])} models, quality gate {tags[GATE_TAG]})")
         with _mlflow_errors(f"registering {bundle_dir}"):
             run = client.create_run(
@@ -588,7 +590,9 @@ def _mark_live(client: MlflowClient, name: str, version: str, triton_version: in
             client.set_registered_model_tag(name, LIVE_VERSION_TAG, version)
 
 
-def _download(client: MlflowClient, model_version: ModelVersion, dest: Path) -> tuple[Path, Path]:
+def download_bundle(client: MlflowClient, model_version: ModelVersion, dest: Path) -> tuple[Path, Path, dict]:
+    """Download a registered version into `dest` and validate it again (a corrupted artifact stops
+    here); returns (bundle dir, Triton configs dir, manifest)."""
     if not model_version.run_id:
         raise RegistryError(
             f"version {model_version.version} has no run: it was not registered by register.py"
@@ -596,7 +600,68 @@ def _download(client: MlflowClient, model_version: ModelVersion, dest: Path) -> 
     with _mlflow_errors(f"downloading version {model_version.version}"):
         bundle = client.download_artifacts(model_version.run_id, BUNDLE_ARTIFACTS, str(dest))
         configs = client.download_artifacts(model_version.run_id, CONFIG_ARTIFACTS, str(dest))
-    return Path(bundle), Path(configs)
+    label = f"'{model_version.name}' version {model_version.version} in MLflow"
+    return Path(bundle), Path(configs), validate_bundle(Path(bundle), label)
+
+
+def bundle_digest(bundle_dir: Path) -> str:
+    """sha256 of the bundle's manifest (which holds every file's sha256): the bundle's identity, as in
+    the version tag `bundle_sha256`."""
+    return _sha256(bundle_dir / MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan store: TensorRT plans of registered bundles, built on the GPU host
+#
+# Plans are derived artifacts (one per TensorRT version and GPU architecture), so they are not
+# registered; the plan builder (deploy/plan_builder.py) writes them into a folder shared with sync, per
+# registered model and bundle digest, and sync on the gpu target takes them from there.
+
+
+def plan_store_dir(store: Path, name: str, digest: str) -> Path:
+    """The folder of one bundle's plans: a plan only ever serves the ONNX it was built from."""
+    return store / name / digest
+
+
+def publish_plans(bundle_dir: Path, manifest: dict, dest: Path) -> list[str]:
+    """Copy the plans the manifest lists (built by fashionserve.plans.build_bundle_plans) into `dest` and
+    index them, with their sha256, in dest/plans.json, beside the plans already there. Each file is
+    copied aside and renamed, the index last: a reader never sees half a plan. Returns the files."""
+    index = dest / PLAN_STORE_INDEX
+    stored = {"plans": json.loads(index.read_text()) if index.is_file() else {}}
+    published = []
+    for network, entries in manifest.get("plans", {}).items():
+        for entry in entries:
+            target = dest / entry["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            aside = target.with_name(f".{target.name}.partial")
+            shutil.copyfile(bundle_dir / entry["file"], aside)
+            aside.replace(target)
+            stored = record_plan(stored, network, {**entry, "sha256": _sha256(target)})
+            published.append(entry["file"])
+    _write_atomic(index, json.dumps(stored["plans"], indent=2).encode())
+    return published
+
+
+def attach_plans(bundle_dir: Path, manifest: dict, source: Path) -> dict:
+    """Copy the plans stored in `source` (publish_plans) into the bundle, each checked against its
+    sha256; returns the manifest listing them."""
+    index = source / PLAN_STORE_INDEX
+    if not index.is_file():
+        raise RegistryError(
+            f"no TensorRT plans for this bundle in {source}: build them on this GPU host with "
+            "deploy/plan_builder.py (the plan-builder service)"
+        )
+    stored = {"plans": manifest.get("plans", {})}
+    for network, entries in json.loads(index.read_text()).items():
+        for entry in entries:
+            target = bundle_dir / entry["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / entry["file"], target)
+            if _sha256(target) != entry["sha256"]:
+                raise RegistryError(f"plan {source / entry['file']} differs from its sha256 (corrupted?)")
+            stored = record_plan(stored, network, entry)
+    return {**manifest, "plans": stored["plans"]}
 
 
 def sync_once(
@@ -609,9 +674,11 @@ def sync_once(
     variant: str = "fp32",
     load_timeout: float = 600.0,
     log: Callable[[str], None] = print,
+    plans: Path | None = None,
 ) -> SyncResult:
     """Make Triton serve the version `alias` points at, as a new Triton version in `repository` (the
-    folder Triton serves, explicit model control). Idempotent: nothing changes when it already does."""
+    folder Triton serves, explicit model control). Idempotent: nothing changes when it already does.
+    On the gpu target, `plans` is the plan store the plan builder wrote the version's plans into."""
     started = time.monotonic()
     repository = repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
@@ -636,7 +703,7 @@ def sync_once(
         with tempfile.TemporaryDirectory(prefix="fashionserve-sync-") as tmp:
             log(f"{name} alias '{alias}' -> version {model_version.version}: downloading")
             manifest, staged, version = _stage(
-                model_version, client, Path(tmp), repository, state, target, variant
+                model_version, client, Path(tmp), repository, state, target, variant, plans
             )
             composing = _prepare(staged, name, version)
             changes = _Changes(repository, staged, version)
@@ -675,13 +742,16 @@ def _stage(
     state: dict,
     target: str,
     variant: str,
+    plans: Path | None,
 ) -> tuple[dict, Path, int]:
-    """Download and validate the version, render it as the next Triton version into tmp/staged;
-    returns (manifest, staged repository, Triton version)."""
+    """Download and validate the version (with its plans from the plan store `plans` on the gpu
+    target), render it as the next Triton version into tmp/staged; returns (manifest, staged
+    repository, Triton version)."""
     name = model_version.name
-    bundle, configs = _download(client, model_version, tmp / "download")
     # A corrupted artifact stops here, before anything reaches the served repository.
-    manifest = validate_bundle(bundle, f"'{name}' version {model_version.version} in MLflow")
+    bundle, configs, manifest = download_bundle(client, model_version, tmp / "download")
+    if plans is not None and target == "gpu":
+        manifest = attach_plans(bundle, manifest, plan_store_dir(plans, name, bundle_digest(bundle)))
     models = [
         name,
         *(s.model_name for s in read_config(configs / name / "config.pbtxt").ensemble_scheduling.step),

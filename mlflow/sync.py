@@ -11,6 +11,7 @@ Examples:
       --pid-file work/triton.pid
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000 --watch --interval 10
+  python mlflow/sync.py --repository /models --triton-url triton:8000 --target gpu --plans /plans --watch
 """
 
 import argparse
@@ -54,6 +55,12 @@ def parse_args() -> argparse.Namespace:
         "--variant", choices=PRECISIONS, default="fp32", help="precision of the heavy networks"
     )
     parser.add_argument(
+        "--plans",
+        type=Path,
+        metavar="DIR",
+        help="gpu target: plan store the plan builder (deploy/plan_builder.py) wrote TensorRT plans into",
+    )
+    parser.add_argument(
         "--tracking-uri",
         default=tracking_uri_default(),
         help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
@@ -68,6 +75,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.interval <= 0:
         parser.error("--interval must be positive")
+    if args.plans is not None and args.target != "gpu":
+        parser.error("--plans applies to --target gpu only")
     return args
 
 
@@ -86,6 +95,7 @@ def sync(args: argparse.Namespace) -> SyncResult:
         variant=args.variant,
         load_timeout=args.load_timeout,
         log=_log,
+        plans=args.plans,
     )
 
 
