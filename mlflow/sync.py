@@ -11,6 +11,7 @@ Examples:
       --pid-file work/triton.pid
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000 --watch --interval 10
+  python mlflow/sync.py --model fashion_generator --repository work/served --triton-url 127.0.0.1:8000
 """
 
 import argparse
@@ -41,7 +42,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tryon", help="registered model = pipeline (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="tryon",
+        help="registered model = pipeline: tryon (default), garment_classifier, fashion_generator",
+    )
     parser.add_argument("--alias", default=ALIAS, help="alias to serve (default: %(default)s)")
     parser.add_argument(
         "--repository", type=Path, required=True, metavar="DIR", help="the folder Triton serves"
