@@ -77,6 +77,7 @@ STATE_FILE = ".fashionserve-sync.json"  # in the served repository; Triton only 
 LOCK_FILE = ".fashionserve-sync.lock"
 PLAN_STORE_INDEX = "plans.json"
 COMPOSING_VERSIONS = 2  # the live version and the one before it, see the module docstring
+CHECK_DYNAMIC_SIZE = 32  # size of a dynamic input dimension (e.g. any image height) in the post-load check
 _HISTORY_LIMIT = 100
 _SETTLE_TIMEOUT_S = 60.0
 _POLL_S = 0.2
@@ -221,7 +222,8 @@ def _numeric_leaves(prefix: str, value: object) -> Iterator[tuple[str, float]]:
 
 
 def bundle_metrics(manifest: dict) -> dict[str, float]:
-    """Parity errors per model output, each variant's gate and quality, latency where measured."""
+    """Parity errors per model output, each variant's gate and quality, latency and the training
+    report (e.g. the classifier's macro F1) where the manifest has them."""
     metrics = {}
     for model, record in manifest["models"].items():
         metrics.update(_numeric_leaves(f"parity_max_error/{model}", record.get("parity_max_error", {})))
@@ -229,6 +231,7 @@ def bundle_metrics(manifest: dict) -> dict[str, float]:
         metrics[f"{variant}/gate_passed"] = float(bool(record.get("passed")))
         metrics.update(_numeric_leaves(variant, record.get("quality", {})))
     metrics.update(_numeric_leaves("latency", manifest.get("latency", {})))
+    metrics.update(_numeric_leaves("training", manifest.get("training_report", {})))
     return metrics
 
 
@@ -250,11 +253,13 @@ def bundle_tags(manifest: dict, digest: str) -> dict[str, str]:
     }
     if "height" in config and "width" in config:
         tags["resolution"] = f"{config['height']}x{config['width']}"
+    elif "resolution" in config:  # square outputs (the fashion generator)
+        tags["resolution"] = f"{config['resolution']}x{config['resolution']}"
     if reason:
         tags["quality_gate_reason"] = reason
     if manifest.get("random_init") or manifest.get("weights") == RANDOM_INIT:
         tags[RANDOM_INIT] = "true (untrained weights: outputs are noise)"
-    for key in ("seed", "condition_checkpoint_sha256", "image_checkpoint_sha256"):
+    for key in ("seed", "checkpoint_sha256", "condition_checkpoint_sha256", "image_checkpoint_sha256"):
         if key in manifest:
             tags[key] = str(manifest[key])
     return tags
@@ -460,10 +465,12 @@ class _Triton:
             self.client.unload_model(model, unload_dependents=True)
 
     def check_inference(self, model: str, version: int, manifest: dict) -> None:
-        """One real request (batch 1, zero images and labels) to `version`, outputs as the contract says."""
+        """One real request (batch 1, zero inputs; a dynamic dimension gets a small size) to `version`,
+        outputs as the contract says (a dynamic output dimension matches any size)."""
         inputs = []
         for spec in manifest["input_contract"]:
-            array = np.zeros([1, *spec["shape"]], dtype=spec["dtype"])
+            shape = [CHECK_DYNAMIC_SIZE if size < 0 else size for size in spec["shape"]]
+            array = np.zeros([1, *shape], dtype=spec["dtype"])
             tensor = httpclient.InferInput(spec["name"], list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -476,7 +483,12 @@ class _Triton:
         for spec in manifest["output_contract"]:
             output = result.as_numpy(spec["name"])
             expected = (1, *spec["shape"])
-            if output is None or output.shape != expected or output.dtype != np.dtype(spec["dtype"]):
+            if (
+                output is None
+                or len(output.shape) != len(expected)
+                or any(e >= 0 and o != e for o, e in zip(output.shape, expected, strict=True))
+                or output.dtype != np.dtype(spec["dtype"])
+            ):
                 got = "nothing" if output is None else f"{output.dtype} {list(output.shape)}"
                 raise RegistryError(
                     f"{model} version {version} returned {got} for '{spec['name']}', "

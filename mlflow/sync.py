@@ -12,6 +12,7 @@ Examples:
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000 --watch --interval 10
   python mlflow/sync.py --repository /models --triton-url triton:8000 --target gpu --plans /plans --watch
+  python mlflow/sync.py --model fashion_generator --repository work/served --triton-url 127.0.0.1:8000
 """
 
 import argparse
@@ -42,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tryon", help="registered model = pipeline (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="tryon",
+        help="registered model = pipeline: tryon (default), garment_classifier, fashion_generator",
+    )
     parser.add_argument("--alias", default=ALIAS, help="alias to serve (default: %(default)s)")
     parser.add_argument(
         "--repository", type=Path, required=True, metavar="DIR", help="the folder Triton serves"
