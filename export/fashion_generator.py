@@ -9,57 +9,39 @@ Examples:
   python export/fashion_generator.py --random-init --seed 0 --resolution 128 --out work/bundles/generator-demo
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.bundle import RANDOM_INIT  # noqa: E402
 from fashionserve.catalogue.bundles import export_generator_bundle, load_fashion_generator  # noqa: E402
+from fashionserve.catalogue.export_cli import export_parser, parse_export_args, report_written  # noqa: E402
 from fashionserve.catalogue.pggan import GENERATOR_KEYS, PGGANConfig  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
+RANDOM_OUTPUTS = "images are noise"
 
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+
+def main() -> None:
+    parser, weights = export_parser(
+        __doc__, "pytorch_GAN_zoo PGAN checkpoint (.pth / .pt)", RANDOM_OUTPUTS, max_batch=4
     )
-    weights = parser.add_argument_group("weights")
-    weights.add_argument("--checkpoint", type=Path, help="pytorch_GAN_zoo PGAN checkpoint (.pth / .pt)")
     weights.add_argument(
         "--generator",
         choices=GENERATOR_KEYS,
         default="avgG",
         help="which generator of the checkpoint: avgG (moving average, default) or netG",
     )
-    weights.add_argument(
-        "--random-init",
-        action="store_true",
-        help=f"seeded random weights: images are noise, tagged {RANDOM_INIT}",
-    )
-    weights.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     shape = parser.add_argument_group("architecture for --random-init (a checkpoint carries its own)")
     shape.add_argument("--resolution", type=int, default=512, help="output size, 4..1024 (default 512)")
     shape.add_argument(
         "--max-channels", type=int, default=512, help="cap on every scale's depth (default 512)"
     )
     shape.add_argument("--latent-dim", type=int, default=512, help="latent vector size (default 512)")
-    parser.add_argument(
-        "--max-batch", type=int, default=4, help="largest batch the ONNX files accept (default 4)"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
-    args = parser.parse_args()
-    if args.random_init == (args.checkpoint is not None):
-        parser.error("give --checkpoint or --random-init")
-    return args
-
-
-def main() -> None:
-    args = parse_args()
+    args = parse_export_args(parser)
     try:
         config = PGGANConfig.for_resolution(args.resolution, args.max_channels, args.latent_dim)
     except ValueError as exc:
@@ -71,8 +53,7 @@ def main() -> None:
         f"generator {resolution}x{resolution}, latent {network.config.latent_dim} ({provenance['weights']})"
     )
     manifest = export_generator_bundle(network, provenance, args.out, max_batch=args.max_batch)
-    tag = f" [{RANDOM_INIT}: images are noise]" if manifest["random_init"] else ""
-    print(f"bundle written to {args.out} in {time.monotonic() - started:.0f}s{tag}")
+    report_written(args.out, manifest, started, RANDOM_OUTPUTS)
 
 
 if __name__ == "__main__":

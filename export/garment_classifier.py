@@ -8,54 +8,35 @@ Examples:
   python export/garment_classifier.py --random-init --seed 0 --out work/bundles/garment_classifier-demo
 """
 
-import argparse
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.bundle import RANDOM_INIT  # noqa: E402
 from fashionserve.catalogue.bundles import export_classifier_bundle, load_garment_classifier  # noqa: E402
 from fashionserve.catalogue.classifier import ClassifierConfig  # noqa: E402
+from fashionserve.catalogue.export_cli import export_parser, parse_export_args, report_written  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
 from fashionserve.cli import run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    weights = parser.add_argument_group("weights")
-    weights.add_argument("--checkpoint", type=Path, help="checkpoint written by train/garment_classifier.py")
-    weights.add_argument(
-        "--random-init",
-        action="store_true",
-        help=f"seeded random weights: predictions are meaningless, tagged {RANDOM_INIT}",
-    )
-    weights.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
-    shape = parser.add_argument_group("architecture for --random-init (a checkpoint carries its own)")
-    shape.add_argument("--width", type=int, default=32, help="channels of the first conv block (default 32)")
-    shape.add_argument("--hidden", type=int, default=128, help="hidden units of the head (default 128)")
-    parser.add_argument(
-        "--max-batch", type=int, default=8, help="largest batch the ONNX files accept (default 8)"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
-    args = parser.parse_args()
-    if args.random_init == (args.checkpoint is not None):
-        parser.error("give --checkpoint or --random-init")
-    return args
+RANDOM_OUTPUTS = "predictions are meaningless"
 
 
 def main() -> None:
-    args = parse_args()
+    parser, _ = export_parser(
+        __doc__, "checkpoint written by train/garment_classifier.py", RANDOM_OUTPUTS, max_batch=8
+    )
+    shape = parser.add_argument_group("architecture for --random-init (a checkpoint carries its own)")
+    shape.add_argument("--width", type=int, default=32, help="channels of the first conv block (default 32)")
+    shape.add_argument("--hidden", type=int, default=128, help="hidden units of the head (default 128)")
+    args = parse_export_args(parser)
     started = time.monotonic()
     config = ClassifierConfig(width=args.width, hidden=args.hidden)
     model, provenance = load_garment_classifier(args.checkpoint, config, args.seed)
     manifest = export_classifier_bundle(model, provenance, args.out, max_batch=args.max_batch)
-    tag = f" [{RANDOM_INIT}: predictions are meaningless]" if manifest["random_init"] else ""
-    print(f"bundle written to {args.out} in {time.monotonic() - started:.0f}s{tag}")
+    report_written(args.out, manifest, started, RANDOM_OUTPUTS)
 
 
 if __name__ == "__main__":

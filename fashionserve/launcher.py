@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -26,19 +25,29 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 from fashionserve.cli import run
+from fashionserve.processes import (
+    GROUP_GRACE_S,
+    HOST,
+    POLL_S,
+    ServerError,
+    free_ports,
+    port_is_free,
+    process_stat,
+    reap_group,
+    serve,
+    stop_by_pid_file,
+    wait_until,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"
 MODEL_CONTROL_MODES = ("none", "explicit")
 _PORT_ATTEMPTS = 3  # auto-picked ports can be taken by another process before Triton binds them
-_POLL_S = 0.2
-_STUB_GRACE_S = 10.0  # python-backend stubs exit about 0.5 s after their server
 # Lines of Triton's log that carry why it could not start, most specific first.
 _FAILURE_PATTERNS = (
     re.compile(r"failed to load '[^']+' version \d+: .*"),
@@ -50,10 +59,6 @@ _CREATING_SERVER = re.compile(r"error: creating server: .*")
 _PORT_IN_USE = re.compile(r"Socket '[^']*:(\d+)' already in use")
 _MAX_REASONS = 3
 _MAX_REASON_CHARS = 300
-
-
-class ServerError(Exception):
-    """Triton could not be started or stopped (one line, for the user)."""
 
 
 class _PortInUse(ServerError):
@@ -151,25 +156,6 @@ def _server_environment() -> dict[str, str]:
     return env
 
 
-def _port_is_free(port: int) -> bool:
-    with socket.socket() as sock:
-        # Triton binds with SO_REUSEADDR; so must this check, or TIME_WAIT leftovers would read as taken.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            return False
-        return True
-
-
-def _free_ports(count: int) -> list[int]:
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for sock in sockets:  # all held open at once, so the kernel hands out distinct ports
-            sock.bind((HOST, 0))
-        return [sock.getsockname()[1] for sock in sockets]
-
-
 def _clean_reason(text: str) -> str:
     # Triton quotes its messages and escapes newlines; keep the first line only.
     reason = text.split("\\n", 1)[0].rstrip().rstrip('"').rstrip()
@@ -249,7 +235,7 @@ class TritonServer:
         if len({port for _, port in chosen}) < len(chosen):
             raise ServerError(f"the HTTP, gRPC and metrics ports must differ: {dict(chosen)}")
         for name, port in chosen:
-            if not _port_is_free(port):
+            if not port_is_free(port):
                 raise ServerError(
                     f"port {port} on {HOST} is already in use (wanted as {name.replace('_', ' ')})"
                 )
@@ -259,7 +245,7 @@ class TritonServer:
         attempts_left = _PORT_ATTEMPTS
         try:
             while True:
-                free = iter(port for port in _free_ports(len(auto) + len(taken)) if port not in taken)
+                free = iter(port for port in free_ports(len(auto) + len(taken)) if port not in taken)
                 for name in auto:
                     setattr(self, name, next(free))
                 try:
@@ -340,7 +326,7 @@ class TritonServer:
                     raise ServerError(
                         f"tritonserver was not ready within {self.ready_timeout:g} s (log: {self.log_file})"
                     )
-                time.sleep(_POLL_S)
+                time.sleep(POLL_S)
         except BaseException:  # including Ctrl-C: never leave a half-started server behind
             self.stop()
             raise
@@ -380,66 +366,28 @@ class TritonServer:
             # Not reaped yet, so its PID is still its own group id: take its python-backend stubs too.
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        _reap_group(process.pid)
+        reap_group(process.pid)
         # Only now: if a second Ctrl-C interrupts the waits, the atexit hook still stops it.
         self._process = None
         atexit.unregister(self.stop)
 
 
-def _stat(pid: int) -> tuple[str, int] | None:
-    """(command name, process group) of a live process; None if there is none (zombies count as gone)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    state, _, pgid = stat[stat.rindex(")") + 2 :].split()[:3]
-    return None if state in "ZX" else (stat[stat.index("(") + 1 : stat.rindex(")")], int(pgid))
-
-
-def _group_members(pgid: int) -> list[int]:
-    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [pid for pid in pids if (stat := _stat(pid)) is not None and stat[1] == pgid]
-
-
-def _wait_until(condition: Callable[[], bool], timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(_POLL_S)
-    return True
-
-
-def _reap_group(pgid: int) -> None:
-    """Wait for what is left of a stopped server's process group, then SIGKILL stragglers.
-
-    Python-backend stubs notice on their own, a moment later, that their server is gone; callers
-    expect no process left behind once stop returns.
-    """
-    if _wait_until(lambda: not _group_members(pgid), _STUB_GRACE_S):
-        return
-    for pid in _group_members(pgid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    _wait_until(lambda: not _group_members(pgid), _STUB_GRACE_S)
-
-
 def stop_pid(pid: int, timeout: float = 30.0) -> None:
     """Stop a tritonserver started elsewhere (e.g. a detached one) by its PID: SIGTERM, then SIGKILL."""
-    stat = _stat(pid)
+    stat = process_stat(pid)
     if stat is None:
         raise ServerError(f"no process with PID {pid} is running")
     name, pgid = stat
     if name != "tritonserver":
         raise ServerError(f"PID {pid} is {name!r}, not tritonserver; not signalling it")
     os.kill(pid, signal.SIGTERM)
-    if not _wait_until(lambda: _stat(pid) is None, timeout):
+    if not wait_until(lambda: process_stat(pid) is None, timeout):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        if not _wait_until(lambda: _stat(pid) is None, _STUB_GRACE_S):
+        if not wait_until(lambda: process_stat(pid) is None, GROUP_GRACE_S):
             raise ServerError(f"tritonserver PID {pid} did not exit after SIGKILL")
     if pgid == pid:  # a group of its own, as the launcher starts it: its stubs are in there
-        _reap_group(pgid)
+        reap_group(pgid)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -516,53 +464,11 @@ def _start(args: argparse.Namespace) -> int:
         log_file=args.log_file,
         ready_timeout=args.ready_timeout,
     )
-    # SIGTERM behaves like Ctrl-C, so either one ends in stop() instead of orphaning the server; SIGINT is
-    # set too because a shell starts background jobs with it ignored.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server.start()
-    if args.pid_file:
-        try:
-            args.pid_file.parent.mkdir(parents=True, exist_ok=True)
-            args.pid_file.write_text(f"{server.pid}\n")
-        except OSError as exc:
-            server.stop()
-            raise ServerError(f"cannot write PID file {args.pid_file}: {exc.strerror}") from None
-    _print_endpoints(server)
-    if args.detach:
-        server.detach()
-        return 0
-    try:
-        while server.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping tritonserver", flush=True)
-        return 0
-    finally:
-        server.stop()
-        if args.pid_file:
-            args.pid_file.unlink(missing_ok=True)
-    raise ServerError(f"tritonserver exited unexpectedly (log: {server.log_file})")
+    return serve(server, "tritonserver", args.pid_file, args.detach, lambda: _print_endpoints(server))
 
 
 def _stop(args: argparse.Namespace) -> int:
-    try:
-        text = args.pid_file.read_text().strip()
-    except FileNotFoundError:
-        raise ServerError(f"PID file {args.pid_file} does not exist; is the server running?") from None
-    if not text.isdigit():
-        raise ServerError(f"PID file {args.pid_file} does not hold a PID: {text[:40]!r}")
-    pid = int(text)
-    try:
-        stop_pid(pid, args.timeout)
-    except ServerError as exc:
-        if _stat(pid) is None:
-            args.pid_file.unlink()  # stale: nothing left to stop with it
-            raise ServerError(f"{exc} (removed stale PID file {args.pid_file})") from None
-        raise
-    args.pid_file.unlink(missing_ok=True)
-    print(f"stopped tritonserver PID {pid}")
-    return 0
+    return stop_by_pid_file(args.pid_file, "tritonserver", lambda pid: stop_pid(pid, args.timeout))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

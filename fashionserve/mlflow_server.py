@@ -24,17 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fashionserve.cli import run
-from fashionserve.launcher import (
+from fashionserve.processes import (
     HOST,
+    POLL_S,
     ServerError,
-    _free_ports,
-    _port_is_free,
-    _reap_group,
-    _stat,
-    _wait_until,
+    free_ports,
+    port_is_free,
+    process_stat,
+    reap_group,
+    serve,
+    stop_by_pid_file,
+    wait_until,
 )
 
-_POLL_S = 0.2
 _PORT_ATTEMPTS = 3  # an auto-picked port can be taken before uvicorn binds it
 _PORT_IN_USE = "address already in use"
 
@@ -96,11 +98,11 @@ class MlflowServer:
         if self.log_file is None:
             self.log_file = self.root / "mlflow-server.log"
         auto = self.port is None
-        if not auto and not _port_is_free(self.port):
+        if not auto and not port_is_free(self.port):
             raise ServerError(f"port {self.port} on {HOST} is already in use (wanted for MLflow)")
         for attempt in range(1, _PORT_ATTEMPTS + 1):
             if auto:
-                self.port = _free_ports(1)[0]
+                self.port = free_ports(1)[0]
             self._launch()
             try:
                 self._wait_ready()
@@ -149,7 +151,7 @@ class MlflowServer:
                     raise ServerError(
                         f"mlflow server was not ready within {self.ready_timeout:g} s (log: {self.log_file})"
                     )
-                time.sleep(_POLL_S)
+                time.sleep(POLL_S)
         except BaseException:  # including Ctrl-C: never leave a half-started server behind
             self.stop()
             raise
@@ -182,24 +184,24 @@ class MlflowServer:
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(process.pid, signal.SIGKILL)
             process.wait()
-        _reap_group(process.pid)
+        reap_group(process.pid)
         self._process = None
         atexit.unregister(self.stop)
 
 
 def stop_pid(pid: int, timeout: float = 30.0) -> None:
     """Stop an MLflow server started elsewhere (e.g. a detached one) by its PID and process group."""
-    stat = _stat(pid)
+    stat = process_stat(pid)
     if stat is None:
         raise ServerError(f"no process with PID {pid} is running")
     cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     if stat[1] != pid or b"mlflow" not in cmdline[:4]:
         raise ServerError(f"PID {pid} is not an MLflow server started by this launcher; not signalling it")
     os.killpg(pid, signal.SIGTERM)
-    if not _wait_until(lambda: _stat(pid) is None, timeout):
+    if not wait_until(lambda: process_stat(pid) is None, timeout):
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
-    _reap_group(pid)
+    reap_group(pid)
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -226,44 +228,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _start(args: argparse.Namespace) -> int:
     server = MlflowServer(root=args.root, port=args.port, ready_timeout=args.ready_timeout)
-    # SIGTERM behaves like Ctrl-C, so either one ends in stop() instead of orphaning the server.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    server.start()
-    if args.pid_file:
-        args.pid_file.parent.mkdir(parents=True, exist_ok=True)
-        args.pid_file.write_text(f"{server.pid}\n")
-    print(f"mlflow server ready, PID {server.pid}", flush=True)
-    print(f"  UI and tracking URI  {server.url}", flush=True)
-    print(f"  store                {server.root}", flush=True)
-    print(f"  log                  {server.log_file}", flush=True)
-    if args.detach:
-        server.detach()
-        return 0
-    try:
-        while server.running:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("stopping mlflow server", flush=True)
-        return 0
-    finally:
-        server.stop()
-        if args.pid_file:
-            args.pid_file.unlink(missing_ok=True)
-    raise ServerError(f"mlflow server exited unexpectedly (log: {server.log_file})")
+
+    def announce() -> None:
+        print(f"mlflow server ready, PID {server.pid}", flush=True)
+        print(f"  UI and tracking URI  {server.url}", flush=True)
+        print(f"  store                {server.root}", flush=True)
+        print(f"  log                  {server.log_file}", flush=True)
+
+    return serve(server, "mlflow server", args.pid_file, args.detach, announce)
 
 
 def _stop(args: argparse.Namespace) -> int:
-    try:
-        text = args.pid_file.read_text().strip()
-    except FileNotFoundError:
-        raise ServerError(f"PID file {args.pid_file} does not exist; is the server running?") from None
-    if not text.isdigit():
-        raise ServerError(f"PID file {args.pid_file} does not hold a PID: {text[:40]!r}")
-    stop_pid(int(text))
-    args.pid_file.unlink(missing_ok=True)
-    print(f"stopped mlflow server PID {text}")
-    return 0
+    return stop_by_pid_file(args.pid_file, "mlflow server", stop_pid)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -53,6 +53,7 @@ from mlflow.tracking import MlflowClient
 from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype
 
+from fashionserve.plans import record_plan
 from fashionserve.repository import (
     TRACKED_REPOSITORY,
     RenderError,
@@ -75,7 +76,9 @@ TRITON_VERSION_TAG = "triton.version"
 LIVE_VERSION_TAG = "triton.live_version"  # on the registered model
 STATE_FILE = ".fashionserve-sync.json"  # in the served repository; Triton only looks at folders
 LOCK_FILE = ".fashionserve-sync.lock"
+PLAN_STORE_INDEX = "plans.json"
 COMPOSING_VERSIONS = 2  # the live version and the one before it, see the module docstring
+CHECK_DYNAMIC_SIZE = 32  # size of a dynamic input dimension (e.g. any image height) in the post-load check
 _HISTORY_LIMIT = 100
 _SETTLE_TIMEOUT_S = 60.0
 _POLL_S = 0.2
@@ -222,7 +225,8 @@ def _numeric_leaves(prefix: str, value: object) -> Iterator[tuple[str, float]]:
 
 
 def bundle_metrics(manifest: dict) -> dict[str, float]:
-    """Parity errors per model output, each variant's gate and quality, latency where measured."""
+    """Parity errors per model output, each variant's gate and quality, latency and the training
+    report (e.g. the classifier's macro F1) where the manifest has them."""
     metrics = {}
     for model, record in manifest["models"].items():
         metrics.update(_numeric_leaves(f"parity_max_error/{model}", record.get("parity_max_error", {})))
@@ -230,6 +234,7 @@ def bundle_metrics(manifest: dict) -> dict[str, float]:
         metrics[f"{variant}/gate_passed"] = float(bool(record.get("passed")))
         metrics.update(_numeric_leaves(variant, record.get("quality", {})))
     metrics.update(_numeric_leaves("latency", manifest.get("latency", {})))
+    metrics.update(_numeric_leaves("training", manifest.get("training_report", {})))
     return metrics
 
 
@@ -251,11 +256,13 @@ def bundle_tags(manifest: dict, digest: str) -> dict[str, str]:
     }
     if "height" in config and "width" in config:
         tags["resolution"] = f"{config['height']}x{config['width']}"
+    elif "resolution" in config:  # square outputs (the fashion generator)
+        tags["resolution"] = f"{config['resolution']}x{config['resolution']}"
     if reason:
         tags["quality_gate_reason"] = reason
     if manifest.get("random_init") or manifest.get("weights") == RANDOM_INIT:
         tags[RANDOM_INIT] = "true (untrained weights: outputs are noise)"
-    for key in ("seed", "condition_checkpoint_sha256", "image_checkpoint_sha256"):
+    for key in ("seed", "checkpoint_sha256", "condition_checkpoint_sha256", "image_checkpoint_sha256"):
         if key in manifest:
             tags[key] = str(manifest[key])
     return tags
@@ -293,7 +300,7 @@ def register_bundle(
             render_repository(bundle_dir, manifest, Path(tmp) / "rendered", target="cpu", source=configs)
         except RenderError as exc:
             raise RegistryError(f"bundle {bundle_dir} does not fit the Triton configs: {exc}") from None
-        tags = bundle_tags(manifest, _sha256(bundle_dir / MANIFEST))
+        tags = bundle_tags(manifest, bundle_digest(bundle_dir))
         log(f"bundle {bundle_dir} is valid ({len(manifest['models'])} models, quality gate {tags[GATE_TAG]})")
         with _mlflow_errors(f"registering {bundle_dir}"):
             run = client.create_run(
@@ -461,10 +468,12 @@ class _Triton:
             self.client.unload_model(model, unload_dependents=True)
 
     def check_inference(self, model: str, version: int, manifest: dict) -> None:
-        """One real request (batch 1, zero images and labels) to `version`, outputs as the contract says."""
+        """One real request (batch 1, zero inputs; a dynamic dimension gets a small size) to `version`,
+        outputs as the contract says (a dynamic output dimension matches any size)."""
         inputs = []
         for spec in manifest["input_contract"]:
-            array = np.zeros([1, *spec["shape"]], dtype=spec["dtype"])
+            shape = [CHECK_DYNAMIC_SIZE if size < 0 else size for size in spec["shape"]]
+            array = np.zeros([1, *shape], dtype=spec["dtype"])
             tensor = httpclient.InferInput(spec["name"], list(array.shape), np_to_triton_dtype(array.dtype))
             tensor.set_data_from_numpy(array)
             inputs.append(tensor)
@@ -477,7 +486,12 @@ class _Triton:
         for spec in manifest["output_contract"]:
             output = result.as_numpy(spec["name"])
             expected = (1, *spec["shape"])
-            if output is None or output.shape != expected or output.dtype != np.dtype(spec["dtype"]):
+            if (
+                output is None
+                or len(output.shape) != len(expected)
+                or any(e >= 0 and o != e for o, e in zip(output.shape, expected, strict=True))
+                or output.dtype != np.dtype(spec["dtype"])
+            ):
                 got = "nothing" if output is None else f"{output.dtype} {list(output.shape)}"
                 raise RegistryError(
                     f"{model} version {version} returned {got} for '{spec['name']}', "
@@ -591,7 +605,9 @@ def _mark_live(client: MlflowClient, name: str, version: str, triton_version: in
             client.set_registered_model_tag(name, LIVE_VERSION_TAG, version)
 
 
-def _download(client: MlflowClient, model_version: ModelVersion, dest: Path) -> tuple[Path, Path]:
+def download_bundle(client: MlflowClient, model_version: ModelVersion, dest: Path) -> tuple[Path, Path, dict]:
+    """Download a registered version into `dest` and validate it again (a corrupted artifact stops
+    here); returns (bundle dir, Triton configs dir, manifest)."""
     if not model_version.run_id:
         raise RegistryError(
             f"version {model_version.version} has no run: it was not registered by register.py"
@@ -599,7 +615,68 @@ def _download(client: MlflowClient, model_version: ModelVersion, dest: Path) -> 
     with _mlflow_errors(f"downloading version {model_version.version}"):
         bundle = client.download_artifacts(model_version.run_id, BUNDLE_ARTIFACTS, str(dest))
         configs = client.download_artifacts(model_version.run_id, CONFIG_ARTIFACTS, str(dest))
-    return Path(bundle), Path(configs)
+    label = f"'{model_version.name}' version {model_version.version} in MLflow"
+    return Path(bundle), Path(configs), validate_bundle(Path(bundle), label)
+
+
+def bundle_digest(bundle_dir: Path) -> str:
+    """sha256 of the bundle's manifest (which holds every file's sha256): the bundle's identity, as in
+    the version tag `bundle_sha256`."""
+    return _sha256(bundle_dir / MANIFEST)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Plan store: TensorRT plans of registered bundles, built on the GPU host
+#
+# Plans are derived artifacts (one per TensorRT version and GPU architecture), so they are not
+# registered; the plan builder (deploy/plan_builder.py) writes them into a folder shared with sync, per
+# registered model and bundle digest, and sync on the gpu target takes them from there.
+
+
+def plan_store_dir(store: Path, name: str, digest: str) -> Path:
+    """The folder of one bundle's plans: a plan only ever serves the ONNX it was built from."""
+    return store / name / digest
+
+
+def publish_plans(bundle_dir: Path, manifest: dict, dest: Path) -> list[str]:
+    """Copy the plans the manifest lists (built by fashionserve.plans.build_bundle_plans) into `dest` and
+    index them, with their sha256, in dest/plans.json, beside the plans already there. Each file is
+    copied aside and renamed, the index last: a reader never sees half a plan. Returns the files."""
+    index = dest / PLAN_STORE_INDEX
+    stored = {"plans": json.loads(index.read_text()) if index.is_file() else {}}
+    published = []
+    for network, entries in manifest.get("plans", {}).items():
+        for entry in entries:
+            target = dest / entry["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            aside = target.with_name(f".{target.name}.partial")
+            shutil.copyfile(bundle_dir / entry["file"], aside)
+            aside.replace(target)
+            stored = record_plan(stored, network, {**entry, "sha256": _sha256(target)})
+            published.append(entry["file"])
+    _write_atomic(index, json.dumps(stored["plans"], indent=2).encode())
+    return published
+
+
+def attach_plans(bundle_dir: Path, manifest: dict, source: Path) -> dict:
+    """Copy the plans stored in `source` (publish_plans) into the bundle, each checked against its
+    sha256; returns the manifest listing them."""
+    index = source / PLAN_STORE_INDEX
+    if not index.is_file():
+        raise RegistryError(
+            f"no TensorRT plans for this bundle in {source}: build them on this GPU host with "
+            "deploy/plan_builder.py (the plan-builder service)"
+        )
+    stored = {"plans": manifest.get("plans", {})}
+    for network, entries in json.loads(index.read_text()).items():
+        for entry in entries:
+            target = bundle_dir / entry["file"]
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source / entry["file"], target)
+            if _sha256(target) != entry["sha256"]:
+                raise RegistryError(f"plan {source / entry['file']} differs from its sha256 (corrupted?)")
+            stored = record_plan(stored, network, entry)
+    return {**manifest, "plans": stored["plans"]}
 
 
 def sync_once(
@@ -612,11 +689,13 @@ def sync_once(
     variant: str = "fp32",
     load_timeout: float = 600.0,
     log: Callable[[str], None] = print,
+    plans: Path | None = None,
 ) -> SyncResult:
     """Make Triton serve the version `alias` points at, as a new Triton version in `repository` (the
     folder Triton serves, explicit model control): every ensemble the bundle serves (e.g. `hair`:
     hair_transfer and hair_edit) and their composing models. Idempotent: nothing changes when it
-    already does."""
+    already does. On the gpu target, `plans` is the plan store the plan builder wrote the version's
+    plans into."""
     started = time.monotonic()
     repository = repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
@@ -646,7 +725,7 @@ def sync_once(
         with tempfile.TemporaryDirectory(prefix="fashionserve-sync-") as tmp:
             log(f"{name} alias '{alias}' -> version {model_version.version}: downloading")
             manifest, staged, version = _stage(
-                model_version, client, Path(tmp), repository, state, target, variant
+                model_version, client, Path(tmp), repository, state, target, variant, plans
             )
             contracts = _manifest_contracts(manifest)
             ensembles = list(contracts)
@@ -707,13 +786,16 @@ def _stage(
     state: dict,
     target: str,
     variant: str,
+    plans: Path | None,
 ) -> tuple[dict, Path, int]:
-    """Download and validate the version, render it as the next Triton version into tmp/staged;
-    returns (manifest, staged repository, Triton version)."""
+    """Download and validate the version (with its plans from the plan store `plans` on the gpu
+    target), render it as the next Triton version into tmp/staged; returns (manifest, staged
+    repository, Triton version)."""
     name = model_version.name
-    bundle, configs = _download(client, model_version, tmp / "download")
     # A corrupted artifact stops here, before anything reaches the served repository.
-    manifest = validate_bundle(bundle, f"'{name}' version {model_version.version} in MLflow")
+    bundle, configs, manifest = download_bundle(client, model_version, tmp / "download")
+    if plans is not None and target == "gpu":
+        manifest = attach_plans(bundle, manifest, plan_store_dir(plans, name, bundle_digest(bundle)))
     ensembles = pipeline_ensembles(manifest)
     models = [
         *ensembles,

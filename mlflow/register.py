@@ -6,6 +6,7 @@ checker, renders against the Triton configs); a bad bundle is refused and nothin
 Examples:
   python mlflow/register.py work/bundles/tryon-random-init --model tryon
   python mlflow/register.py work/bundles/tryon --tracking-uri http://127.0.0.1:5000
+  python mlflow/register.py work/bundles/garment_classifier      # registered model garment_classifier
 """
 
 import argparse
@@ -34,8 +35,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("bundle", type=Path, metavar="BUNDLE_DIR", help="a bundle written by export/tryon.py")
-    parser.add_argument("--model", help="registered model name (default: the bundle's pipeline, e.g. tryon)")
+    parser.add_argument("bundle", type=Path, metavar="BUNDLE_DIR", help="a bundle written by export/*.py")
+    parser.add_argument(
+        "--model",
+        help="registered model name (default: the bundle's pipeline: tryon, garment_classifier, ...)",
+    )
     parser.add_argument(
         "--tracking-uri",
         default=tracking_uri_default(),

@@ -11,6 +11,8 @@ Examples:
       --pid-file work/triton.pid
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000 --watch --interval 10
+  python mlflow/sync.py --repository /models --triton-url triton:8000 --target gpu --plans /plans --watch
+  python mlflow/sync.py --model fashion_generator --repository work/served --triton-url 127.0.0.1:8000
 """
 
 import argparse
@@ -41,7 +43,11 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", default="tryon", help="registered model = pipeline (default: %(default)s)")
+    parser.add_argument(
+        "--model",
+        default="tryon",
+        help="registered model = pipeline: tryon (default), garment_classifier, fashion_generator",
+    )
     parser.add_argument("--alias", default=ALIAS, help="alias to serve (default: %(default)s)")
     parser.add_argument(
         "--repository", type=Path, required=True, metavar="DIR", help="the folder Triton serves"
@@ -52,6 +58,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--target", choices=TARGETS, default="cpu", help="cpu (python backend) or gpu")
     parser.add_argument(
         "--variant", choices=PRECISIONS, default="fp32", help="precision of the heavy networks"
+    )
+    parser.add_argument(
+        "--plans",
+        type=Path,
+        metavar="DIR",
+        help="gpu target: plan store the plan builder (deploy/plan_builder.py) wrote TensorRT plans into",
     )
     parser.add_argument(
         "--tracking-uri",
@@ -68,6 +80,8 @@ def parse_args() -> argparse.Namespace:
     args = parser.parse_args()
     if args.interval <= 0:
         parser.error("--interval must be positive")
+    if args.plans is not None and args.target != "gpu":
+        parser.error("--plans applies to --target gpu only")
     return args
 
 
@@ -86,6 +100,7 @@ def sync(args: argparse.Namespace) -> SyncResult:
         variant=args.variant,
         load_timeout=args.load_timeout,
         log=_log,
+        plans=args.plans,
     )
 
 

@@ -1,11 +1,13 @@
 """Garment classifier: IDX files, the served preprocessing, the network, the report, the training CLI."""
 
 import gzip
+import hashlib
 
 import numpy as np
 import pytest
 import torch
 
+from fashionserve.catalogue import data
 from fashionserve.catalogue.classifier import (
     CLASSES,
     ClassifierConfig,
@@ -13,7 +15,8 @@ from fashionserve.catalogue.classifier import (
     GarmentClassifier,
     GarmentPreprocess,
 )
-from fashionserve.catalogue.data import DataError, load_split, read_idx, write_idx
+from fashionserve.catalogue.data import DataError, load_split, official_files, read_idx, write_idx
+from fashionserve.catalogue.synthetic import write_synthetic_set
 from fashionserve.catalogue.training import classification_report
 from tests.conftest import run_cli
 
@@ -42,6 +45,31 @@ def test_bad_idx_files_name_the_problem(tmp_path):
         read_idx(tmp_path / "text")
     with pytest.raises(DataError, match="no train-images-idx3-ubyte.gz"):
         load_split(tmp_path, "train")
+
+
+def test_official_files_by_distributed_md5_or_by_content(tmp_path, monkeypatch):
+    # The drawn set stands in for the official files: its md5s replace the official ones.
+    write_synthetic_set(tmp_path, train=20, test=10, seed=0)
+    files = {stem: tmp_path / f"{stem}.gz" for stem in data.OFFICIAL_CONTENT_MD5}
+    md5 = {path.name: hashlib.md5(path.read_bytes()).hexdigest() for path in files.values()}
+    contents = {stem: gzip.decompress(path.read_bytes()) for stem, path in files.items()}
+    monkeypatch.setattr(data, "OFFICIAL_MD5", md5)
+    monkeypatch.setattr(
+        data, "OFFICIAL_CONTENT_MD5", {stem: hashlib.md5(raw).hexdigest() for stem, raw in contents.items()}
+    )
+    assert official_files(tmp_path)
+    images = files["train-images-idx3-ubyte"]
+    images.write_bytes(gzip.compress(contents["train-images-idx3-ubyte"], mtime=1))  # re-gzipped
+    assert hashlib.md5(images.read_bytes()).hexdigest() != md5[images.name] and official_files(tmp_path)
+    images.unlink()
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(contents["train-images-idx3-ubyte"])  # unpacked
+    assert official_files(tmp_path)
+    changed = bytearray(contents["train-images-idx3-ubyte"])
+    changed[-1] ^= 1
+    (tmp_path / "train-images-idx3-ubyte").write_bytes(bytes(changed))
+    assert not official_files(tmp_path)
+    (tmp_path / "train-images-idx3-ubyte").unlink()
+    assert not official_files(tmp_path)
 
 
 def test_preprocess_copies_a_centred_fashion_mnist_image():

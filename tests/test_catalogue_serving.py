@@ -252,7 +252,7 @@ def test_tryon_without_a_served_classifier_skips_the_gate(tryon_server, samples_
 def test_generator_variants_are_gated_by_swd(catalogue, tmp_path):
     bundle = tmp_path / "fashion_generator"
     shutil.copytree(catalogue["root"] / "fashion_generator", bundle)
-    args = ["export/quantize_generator.py", str(bundle), "--calibration-samples", "4", "--eval-samples", "8"]
+    args = ["export/quantize.py", str(bundle), "--calibration-samples", "4", "--eval-samples", "8"]
     passed = run_cli(*args, "--max-swd-fp16", "1000", "--max-swd-int8", "1000")
     assert passed.returncode == 0, passed.stderr
     variants = read_manifest(bundle)["variants"]
@@ -271,3 +271,40 @@ def test_generator_variants_are_gated_by_swd(catalogue, tmp_path):
     render_repository(bundle, manifest, tmp_path / "forced", target="cpu", variant="int8", force=True)
     served = tmp_path / "forced" / "fashion_generator_network" / "1" / "model.onnx"
     assert served.read_bytes() == (bundle / "fashion_generator_network" / "model.int8.onnx").read_bytes()
+
+
+def test_classifier_variants_are_gated_by_top1_agreement_and_probability_error(catalogue, tmp_path):
+    bundle = tmp_path / "garment_classifier"
+    shutil.copytree(catalogue["root"] / "garment_classifier", bundle)
+    args = ["export/quantize.py", str(bundle), "--calibration-samples", "16", "--eval-samples", "40"]
+    passed = run_cli(*args)
+    assert passed.returncode == 0, passed.stderr
+    assert "[int8] gate PASS: top-1 agreement " in passed.stdout
+    manifest = read_manifest(bundle)
+    for variant in ("fp16", "int8"):
+        record = manifest["variants"][variant]
+        assert record["passed"] and record["evaluation"] == {
+            "source": "drawn product photos", "samples": 40, "seed": 16
+        }  # fmt: skip
+        assert record["quality"]["top1_agreement"] >= record["thresholds"]["min_top1_agreement"]
+        assert 0 < record["quality"]["max_probability_error"] <= record["thresholds"]["max_probability_error"]
+        network = record["networks"]["garment_classifier_network"]
+        assert (bundle / network["file"]).is_file() and network["file"].endswith(f"model.{variant}.onnx")
+    render_repository(bundle, manifest, tmp_path / "int8", target="cpu", variant="int8")
+    served = tmp_path / "int8" / "garment_classifier_network" / "1" / "model.onnx"
+    assert served.read_bytes() == (bundle / "garment_classifier_network" / "model.int8.onnx").read_bytes()
+    error = one_line_error(run_cli(*args, "--variants", "int8", "--max-probability-error-int8", "0"))
+    assert error.startswith("error: quality gate failed: int8 (probability error ") and "> 0)" in error
+    assert not read_manifest(bundle)["variants"]["int8"]["passed"]
+    error = one_line_error(run_cli("export/quantize.py", str(bundle), "--max-swd-int8", "5"))
+    assert error == f"error: --max-swd-int8 does not apply to a garment_classifier bundle ({bundle})"
+
+
+def test_quantize_refuses_a_pipeline_it_does_not_know(catalogue, tmp_path):
+    manifest = read_manifest(catalogue["root"] / "garment_classifier")
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "pipeline": "hair"}))
+    error = one_line_error(run_cli("export/quantize.py", str(tmp_path)))
+    assert error == (
+        f"error: {tmp_path} is a 'hair' bundle; "
+        "quantize.py knows tryon, fashion_generator, garment_classifier"
+    )

@@ -34,7 +34,6 @@ from fashionserve.hair.stages import HairComposite, HairConfig, HairMix, HairPre
 from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import run_onnx
 from fashionserve.plans import plan_networks
-from fashionserve.quantization import Thresholds
 from fashionserve.repository import TRACKED_REPOSITORY, RenderError, read_config, render_repository
 from tests.conftest import run_cli
 
@@ -528,17 +527,14 @@ def test_quantized_variants_are_gated_on_the_final_images(bundle, tmp_path):
     render_repository(directory, manifest, tmp_path / "fp16", target="cpu", variant="fp16")
     served = (tmp_path / "fp16" / "hair_generator" / "1" / "model.onnx").read_bytes()
     assert served == (directory / fp16["networks"]["hair_generator"]["file"]).read_bytes()
-    # a gate that cannot be met is recorded as failed, and such a variant is not served unless forced
-    # (no layer may stay fp32: the search would keep a generator Gemm fp32, which the shared fp16
-    # converter cannot build yet, see the hair-serve report)
-    strict = HairQuantizeOptions(
-        variants=("fp16",),
-        calibration_samples=2,
-        eval_samples=2,
-        thresholds={"fp16": Thresholds(1.01, 500.0)},
-        max_excluded_fraction=0.0,
-    )
-    manifest = quantize_hair_bundle(directory, strict, log=lambda _: None)
+    # the CLI: a gate that cannot be met is recorded as failed (exit 2, one line), and such a variant is
+    # not served unless forced; no layer may stay fp32 here (the search would keep a generator Gemm fp32,
+    # which the shared fp16 converter cannot build yet, see the hair-serve report)
+    args = ["export/quantize.py", str(directory), "--variants", "fp16", "--calibration-samples", "2"]
+    strict = run_cli(*args, "--eval-samples", "2", "--min-ssim-fp16", "1.01", "--max-excluded-fraction", "0")
+    assert one_line_error(strict).startswith("error: quality gate failed: fp16 (SSIM")
+    assert "--seed does not apply to a hair bundle" in one_line_error(run_cli(*args, "--seed", "1"))
+    manifest = json.loads((directory / "manifest.json").read_text())
     assert not manifest["variants"]["fp16"]["passed"] and "SSIM" in manifest["variants"]["fp16"]["reason"]
     with pytest.raises(RenderError, match="the fp16 variant failed its quality gate"):
         render_repository(directory, manifest, tmp_path / "refused", target="cpu", variant="fp16")

@@ -204,7 +204,7 @@ def test_retries_when_a_picked_port_is_taken_before_triton_binds_it(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repository = make_repository(tmp_path / "empty", {})  # no models: quick to start and stop
-    real_free_ports = launcher._free_ports
+    real_free_ports = launcher.free_ports
     picks: list[list[int]] = []
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", 0))
@@ -216,7 +216,7 @@ def test_retries_when_a_picked_port_is_taken_before_triton_binds_it(
             picks.append([stolen, *real_free_ports(count - 1)] if not picks else real_free_ports(count))
             return picks[-1]
 
-        monkeypatch.setattr(launcher, "_free_ports", free_ports)
+        monkeypatch.setattr(launcher, "free_ports", free_ports)
         with TritonServer(repository, ready_timeout=READY_TIMEOUT) as server:
             assert len(picks) == 2 and server.http_port != stolen
             client = httpclient.InferenceServerClient(server.http_url)

@@ -103,7 +103,7 @@ def assert_clean_run(result: subprocess.CompletedProcess, tmp_path: Path, protoc
 
 # gRPC runs under gevent: it once hung at exit (a client closed a second time by garbage collection at
 # interpreter exit, fixed in TritonUser.on_stop), which this case would catch as a timeout.
-@pytest.mark.parametrize(("protocol", "batch", "folder"), [("http", 1, False), ("http", 2, True)])
+@pytest.mark.parametrize(("protocol", "batch", "folder"), [("http", 1, False), ("grpc", 2, True)])
 def test_tryon_headless_run_has_no_failures(
     tmp_path: Path, tryon_server, samples_dir: Path, protocol: str, batch: int, folder: bool
 ) -> None:

@@ -24,8 +24,9 @@ from onnx import helper
 from fashionserve import registry
 from fashionserve.checkpoints import sha256_file
 from fashionserve.client import TritonModelClient
-from fashionserve.launcher import TritonServer, _stat
+from fashionserve.launcher import TritonServer
 from fashionserve.mlflow_server import MlflowServer
+from fashionserve.processes import process_stat
 from fashionserve.tryon.bundle import export_bundle, load_networks, read_manifest, write_manifest
 from tests.conftest import PROJECT_ROOT, TEST_CONFIG, run_cli
 from tests.test_tryon_pipeline import as_args, sample_batch
@@ -465,7 +466,13 @@ def test_mlflow_server_cli_starts_detached_and_stops(tmp_path):
     pid = int(pid_file.read_text())
     result = run_cli("-m", "fashionserve.mlflow_server", "stop", "--pid-file", str(pid_file))
     assert result.returncode == 0, result.stderr
-    assert _stat(pid) is None and not pid_file.exists()
+    assert process_stat(pid) is None and not pid_file.exists()
     assert_one_line_error(
         run_cli("-m", "fashionserve.mlflow_server", "stop", "--pid-file", str(pid_file)), "does not exist"
     )
+    pid_file.write_text(f"{pid}\n")  # a PID file left behind by a server that is gone
+    assert_one_line_error(
+        run_cli("-m", "fashionserve.mlflow_server", "stop", "--pid-file", str(pid_file)),
+        "removed stale PID file",
+    )
+    assert not pid_file.exists()

@@ -246,3 +246,6 @@ def test_cli_refuses_a_missing_calibration_folder(tryon_bundle, tmp_path):
     result = run_cli("export/quantize.py", str(bundle), "--calibration-dir", str(tmp_path / "none"))
     assert result.returncode == 2
     assert result.stderr.startswith("error: missing pairs file") and result.stderr.count("\n") == 1
+    result = run_cli("export/quantize.py", str(bundle), "--max-swd-int8", "5")  # a generator option
+    assert result.returncode == 2
+    assert result.stderr == f"error: --max-swd-int8 does not apply to a tryon bundle ({bundle})\n"

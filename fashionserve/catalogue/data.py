@@ -22,6 +22,15 @@ OFFICIAL_MD5 = {
     "t10k-images-idx3-ubyte.gz": "bef4ecab320f06d8554ea6380940ec79",
     "t10k-labels-idx1-ubyte.gz": "bb300cfdad3c16e7a12a480ee83cd310",
 }
+# md5 of their decompressed IDX contents (measured on those files), so that the same data re-gzipped or
+# unpacked counts too: Debian's dataset-fashion-mnist package ships the .gz files with the gzip header's
+# file name and time stripped (other md5, same bytes inside)
+OFFICIAL_CONTENT_MD5 = {
+    "train-images-idx3-ubyte": "f4a8712d7a061bf5bd6d2ca38dc4d50a",
+    "train-labels-idx1-ubyte": "9018921c3c673c538a1fc5bad174d6f9",
+    "t10k-images-idx3-ubyte": "8181f5470baa50b63fa0f6fddb340f0a",
+    "t10k-labels-idx1-ubyte": "15d484375f8d13e6eb1aabb0c3f46965",
+}
 _UBYTE = 0x08
 _GZIP_MAGIC = b"\x1f\x8b"
 
@@ -81,9 +90,17 @@ def load_split(root: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
 
 
 def official_files(root: Path) -> bool:
-    """Whether `root` holds the four distributed .gz files, byte for byte (md5)."""
-    for name, md5 in OFFICIAL_MD5.items():
-        path = root / name
-        if not path.is_file() or hashlib.md5(path.read_bytes()).hexdigest() != md5:
+    """Whether `root` holds the official Fashion-MNIST data (md5): the four distributed .gz files byte
+    for byte, or files (gzipped or not) whose IDX contents are theirs."""
+    for stem, content_md5 in OFFICIAL_CONTENT_MD5.items():
+        try:
+            path = _find(root, stem)
+            raw = path.read_bytes()
+            if hashlib.md5(raw).hexdigest() == OFFICIAL_MD5.get(path.name):
+                continue
+            content = gzip.decompress(raw) if raw[:2] == _GZIP_MAGIC else raw
+        except (DataError, OSError, EOFError):
+            return False
+        if hashlib.md5(content).hexdigest() != content_md5:
             return False
     return True

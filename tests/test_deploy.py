@@ -1,0 +1,795 @@
+"""GPU host deployment, checked offline: compose.yaml and the kustomize overlays parse, render and agree
+with the model repository, the CLIs and each other; the first-run bootstrap and the plan store run
+against a real MLflow server. No Docker engine, GPU or cluster is needed (nor used).
+
+Each checker returns a list of problems; the tests run it on the real files (no problem) and on broken
+copies (the problem is named), so no check passes by finding nothing to check.
+"""
+
+import copy
+import functools
+import importlib.util
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.server.security_utils import is_allowed_host_header
+
+from fashionserve.client import DEFAULT_URLS
+from fashionserve.mlflow_server import MlflowServer
+from fashionserve.plans import HEAVY_NETWORKS, Gpu, plan_file_name, record_plan
+from fashionserve.registry import (
+    PLAN_STORE_INDEX,
+    RANDOM_INIT,
+    RegistryError,
+    _stage,
+    bundle_digest,
+    connect,
+    download_bundle,
+    plan_store_dir,
+    publish_plans,
+)
+from fashionserve.repository import PRECISIONS, TRACKED_REPOSITORY, ensemble_steps, read_config
+from tests.conftest import PROJECT_ROOT, run_cli
+
+COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
+ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
+OVERLAYS = ("local", "production")
+SECRET_NAME = "fashionserve-credentials"
+SECRET_KEYS = {"postgres-password", "minio-root-password"}
+GPU_SERVICES = ("triton", "plan-builder")
+TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
+SERVED_MODEL = "tryon"
+QUEUE_METRIC = "nv_inference_queue_duration_us"
+SMALL_EXPORT = ["--condition-resolution", "128x96", "--condition-ngf", "8", "--image-ngf", "8"]
+SMALL_EXPORT += ["--spade-hidden", "16"]
+_VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
+_MODEL_ENDPOINT = re.compile(r"^/v2/models/([\w-]+)/ready$")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Shared helpers
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    pairs = (
+        line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#")
+    )
+    return {key.strip(): value.strip() for key, value in pairs}
+
+
+def interpolate(text: str, env: dict[str, str]) -> str:
+    """Compose's interpolation: ${VAR}, ${VAR:-default}, ${VAR:?error}; `$$` is a literal `$`."""
+
+    def value(match: re.Match) -> str:
+        name, operator, default = match.groups()
+        if env.get(name):
+            return env[name]
+        return default if operator in (":-", "-") else ""
+
+    return _VARIABLE.sub(value, text).replace("$$", "$")
+
+
+def load_compose(text: str, env: dict[str, str]) -> dict:
+    """compose.yaml as compose reads it: parsed first, then every string interpolated."""
+
+    def walk(node):
+        if isinstance(node, dict):
+            return {key: walk(value) for key, value in node.items()}
+        if isinstance(node, list):
+            return [walk(item) for item in node]
+        return interpolate(node, env) if isinstance(node, str) else node
+
+    return walk(yaml.safe_load(text))
+
+
+def model_names() -> set[str]:
+    return {path.parent.name for path in TRACKED_REPOSITORY.glob("*/config.pbtxt")}
+
+
+def image_problems(image: str, where: str) -> list[str]:
+    name, _, tag = image.rpartition(":")
+    if not name or "/" in tag:
+        return [f"{where}: image {image} has no tag"]
+    if tag == "latest":
+        return [f"{where}: image {image} uses the moving tag latest"]
+    return []
+
+
+def flag(args: list[str], name: str) -> str | None:
+    """Value of `--name=value` in a command line; the last one wins, as in argparse."""
+    return next((arg.split("=", 1)[1] for arg in reversed(args) if arg.startswith(f"--{name}=")), None)
+
+
+def probe_problems(path: str, where: str) -> list[str]:
+    """A probe must ask a real Triton endpoint: server health or a served model's readiness."""
+    if path in ("/v2/health/live", "/v2/health/ready"):
+        return []
+    model = _MODEL_ENDPOINT.match(path)
+    if model and model.group(1) in model_names():
+        return []
+    return [f"{where}: probe path {path} is not a Triton health endpoint of a model in model_repository/"]
+
+
+# ---------------------------------------------------------------------------------------------------
+# compose.yaml
+
+
+def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str]:
+    """Everything compose.yaml names resolves, and the GPU stack is wired as documented."""
+    problems = []
+    for name, operator, default in _VARIABLE.findall(compose_text):
+        if name not in env_example:
+            problems.append(f"${{{name}}} is not in .env.example")
+        elif operator == ":-" and env_example[name] != default:
+            problems.append(
+                f"${{{name}}} defaults to {default!r} but .env.example says {env_example[name]!r}"
+            )
+        elif operator not in (":-", ":?"):
+            problems.append(f"${{{name}}} has neither a default (:-) nor a required message (:?)")
+    used = {name for name, _, _ in _VARIABLE.findall(compose_text)}
+    problems += [
+        f".env.example sets {name}, which compose.yaml never uses" for name in env_example if name not in used
+    ]
+
+    values = {**env_example, **{k: "x" for k, v in env_example.items() if not v}}  # required: any value
+    compose = load_compose(compose_text, values)
+    services = compose.get("services", {})
+    declared_volumes = set(compose.get("volumes") or {})
+    used_volumes = set()
+    for name, service in services.items():
+        for dependency, condition in (service.get("depends_on") or {}).items():
+            target = services.get(dependency)
+            if target is None:
+                problems.append(f"{name} depends on {dependency}, which is not a service")
+            elif condition["condition"] == "service_healthy" and "healthcheck" not in target:
+                problems.append(f"{name} waits for {dependency} to be healthy, but it has no healthcheck")
+            elif condition["condition"] == "service_completed_successfully" and target.get("restart") != "no":
+                problems.append(f"{name} waits for {dependency} to complete, but {dependency} restarts")
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if not source.startswith((".", "/")):
+                used_volumes.add(source)
+                if source not in declared_volumes:
+                    problems.append(f"{name} mounts volume {source}, which is not declared")
+        for port in service.get("ports", []):
+            if not port.startswith(f"{values['BIND_ADDRESS']}:"):
+                problems.append(f"{name} publishes {port} on another address than BIND_ADDRESS")
+        if "image" not in service:
+            problems.append(f"{name} has no image name")
+        else:
+            problems += image_problems(service["image"], name)
+    problems += [f"volume {v} is declared but never mounted" for v in declared_volumes - used_volumes]
+
+    for name in GPU_SERVICES:
+        devices = services.get(name, {}).get("deploy", {}).get("resources", {}).get("reservations", {})
+        if not any("gpu" in d.get("capabilities", []) for d in devices.get("devices", [])):
+            problems.append(f"{name} reserves no GPU")
+    triton = services.get("triton", {})
+    release = triton.get("image", "").rpartition(":")[2].removesuffix("-py3")
+    plans_release = services.get("plan-builder", {}).get("build", {}).get("args", {}).get("NGC_RELEASE")
+    if release != plans_release:
+        problems.append(f"Triton is release {release}, the plan builder's TensorRT {plans_release}")
+    command = triton.get("command", [])
+    if "--model-control-mode=explicit" not in command:
+        problems.append("Triton does not run in explicit model-control mode")
+    if not triton.get("shm_size"):
+        problems.append("Triton has no shm_size for the python backend")
+    for port_name, port in TRITON_PORTS.items():
+        if flag(command, f"{port_name}-port") != str(port):
+            problems.append(f"Triton's {port_name} port is not {port}")
+        published = [p for p in triton.get("ports", []) if p.endswith(f":{port}")]
+        if [p.split(":")[1] for p in published] != [str(port)]:
+            problems.append(f"Triton's {port_name} port {port} is not published as {port} by default")
+    probe = re.search(r"127\.0\.0\.1:8000(/[\w/]+)", " ".join(triton.get("healthcheck", {}).get("test", [])))
+    if probe is None:
+        problems.append("the triton healthcheck does not ask Triton's HTTP port")
+    else:
+        problems += probe_problems(probe.group(1), "triton healthcheck")
+
+    sync = services.get("sync", {}).get("command", [])
+    if flag(sync, "triton-url") != f"triton:{TRITON_PORTS['http']}":
+        problems.append("sync does not talk to Triton's HTTP port")
+    if flag(sync, "model") not in model_names():
+        problems.append(f"sync serves {flag(sync, 'model')}, which is not in model_repository/")
+    for name, args in [
+        ("sync", sync),
+        ("plan-builder", services.get("plan-builder", {}).get("entrypoint", [])),
+    ]:
+        if flag(args, "variant") not in PRECISIONS:
+            problems.append(f"{name} serves variant {flag(args, 'variant')}, not one of {PRECISIONS}")
+    sync_volumes = services.get("sync", {}).get("volumes", [])
+    for volume, folder in (("models", "repository"), ("plans", "plans")):
+        mounts = {
+            v.split(":")[1] for s in ("sync", "triton" if volume == "models" else "plan-builder")
+            for v in services.get(s, {}).get("volumes", []) if v.split(":")[0] == volume
+        }  # fmt: skip
+        if len(mounts) != 1 or flag(sync, folder) not in mounts:
+            problems.append(f"sync's --{folder} is not where the {volume} volume is mounted ({sync_volumes})")
+    return problems
+
+
+@pytest.fixture(scope="module")
+def env_example() -> dict[str, str]:
+    return read_env_file(ENV_EXAMPLE)
+
+
+def test_compose_parses_and_every_reference_resolves(env_example):
+    assert compose_problems(COMPOSE_FILE.read_text(), env_example) == []
+
+
+def test_no_secret_is_committed(env_example):
+    assert env_example["POSTGRES_PASSWORD"] == "" and env_example["MINIO_ROOT_PASSWORD"] == ""
+    for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+        assert f"${{{name}:?" in COMPOSE_FILE.read_text()  # required: compose refuses to start without it
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", ".env"], cwd=PROJECT_ROOT, check=False, capture_output=True
+    )
+    assert ignored.returncode == 0, ".env must be git-ignored"
+
+
+BROKEN_COMPOSE = {
+    "unknown dependency": (
+        (
+            "condition: service_healthy\n",
+            "condition: service_healthy\n      nosuch:\n        condition: service_started\n",
+        ),
+        "depends on nosuch, which is not a service",
+    ),
+    "undeclared volume": (
+        ("- bundles:/bundles", "- scratch:/bundles"),
+        "mounts volume scratch, which is not declared",
+    ),
+    "port on all interfaces": (
+        ('"${BIND_ADDRESS:-127.0.0.1}:${MLFLOW_PORT:-5000}:5000"', '"0.0.0.0:5000:5000"'),
+        "publishes 0.0.0.0:5000:5000 on another address",
+    ),
+    "latest tag": (
+        ("tritonserver:${NGC_RELEASE:-26.07}-py3", "tritonserver:latest"),
+        "uses the moving tag latest",
+    ),
+    "variable nobody sets": (
+        ("--interval=${SYNC_INTERVAL:-10}", "--interval=${SYNC_EVERY}"),
+        "${SYNC_EVERY} is not in",
+    ),
+    "default differs from .env.example": (
+        ("${TRITON_SHM_SIZE:-1g}", "${TRITON_SHM_SIZE:-2g}"),
+        "defaults to '2g'",
+    ),
+    "Triton without GPU": (
+        ("    deploy: *gpu\n    restart: unless-stopped", "    restart: unless-stopped"),
+        "triton reserves no GPU",
+    ),
+    "mismatched TensorRT": (
+        ("NGC_RELEASE: ${NGC_RELEASE:-26.07}", "NGC_RELEASE: 26.02"),
+        "the plan builder's TensorRT 26.02",
+    ),
+    "poll mode": (("--model-control-mode=explicit", "--model-control-mode=poll"), "explicit model-control"),
+    "wrong health path": (
+        ("/v2/health/ready', timeout", "/v2/health/up', timeout"),
+        "probe path /v2/health/up",
+    ),
+    "sync on gRPC": (
+        ("--triton-url=triton:8000", "--triton-url=triton:8001"),
+        "sync does not talk to Triton's HTTP",
+    ),
+    "unknown model": (("--model=tryon", "--model=tryon_v2"), "sync serves tryon_v2"),
+    "plans elsewhere": (
+        ("--plans=/plans\n      - --repository", "--plans=/cache\n      - --repository"),
+        "sync's --plans",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_COMPOSE, ids=list(BROKEN_COMPOSE))
+def test_compose_checker_names_what_a_broken_copy_breaks(case, env_example):
+    (old, new), expected = BROKEN_COMPOSE[case]
+    text = COMPOSE_FILE.read_text()
+    assert old in text
+    problems = compose_problems(text.replace(old, new, 1), env_example)
+    assert any(expected in problem for problem in problems), problems
+
+
+def test_compose_ports_are_the_client_and_launcher_defaults(env_example):
+    published = {name: int(env_example[f"TRITON_{name.upper()}_PORT"]) for name in TRITON_PORTS}
+    assert published == TRITON_PORTS
+    assert {p: int(url.rsplit(":", 1)[1]) for p, url in DEFAULT_URLS.items()} == {
+        "http": TRITON_PORTS["http"],
+        "grpc": TRITON_PORTS["grpc"],
+    }
+    assert env_example["BIND_ADDRESS"] == "127.0.0.1"
+
+
+# ---------------------------------------------------------------------------------------------------
+# Kubernetes
+
+
+def render(overlay: str) -> list[dict]:
+    """The overlay's manifests as `kubectl kustomize` renders them (fresh objects on every call)."""
+    return [doc for doc in yaml.safe_load_all(_kustomize(overlay)) if doc]
+
+
+@functools.cache
+def _kustomize(overlay: str) -> str:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.fail("kubectl is not installed: it renders k8s/ (kubectl kustomize); CI has it")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(PROJECT_ROOT / "k8s" / "overlays" / overlay)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+@pytest.fixture(scope="module", params=OVERLAYS)
+def rendered(request) -> tuple[str, list[dict]]:
+    return request.param, render(request.param)
+
+
+def find(docs: list[dict], kind: str, name: str) -> dict:
+    return next((d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name), {})
+
+
+def pod_specs(docs: list[dict]) -> list[tuple[str, dict]]:
+    return [
+        (f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+        for d in docs
+        if d["kind"] in ("Deployment", "StatefulSet", "Job")
+    ]
+
+
+def k8s_problems(docs: list[dict]) -> list[str]:
+    problems = []
+    kinds = {d["kind"] for d in docs}
+    if "Secret" in kinds:
+        problems.append("a Secret is inlined; create fashionserve-credentials outside the repository")
+    config_map = find(docs, "ConfigMap", "fashionserve-settings").get("data", {})
+    for where, spec in pod_specs(docs):
+        claims = {c["metadata"]["name"] for d in docs if f"{d['kind']}/{d['metadata']['name']}" == where
+                  for c in d["spec"].get("volumeClaimTemplates", [])}  # fmt: skip
+        volumes = {v["name"] for v in spec.get("volumes", [])} | claims
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            at = f"{where} container {container['name']}"
+            problems += image_problems(container["image"], at)
+            for kind in ("requests", "limits"):
+                missing = {"cpu", "memory"} - set(container.get("resources", {}).get(kind, {}))
+                if missing:
+                    problems.append(f"{at} has no {kind} for {', '.join(sorted(missing))}")
+            for mount in container.get("volumeMounts", []):
+                if mount["name"] not in volumes:
+                    problems.append(f"{at} mounts {mount['name']}, which the pod does not declare")
+            for env in container.get("env", []):
+                source = env.get("valueFrom", {})
+                if (
+                    any(word in env["name"] for word in ("PASSWORD", "SECRET"))
+                    and "secretKeyRef" not in source
+                ):
+                    problems.append(f"{at} sets {env['name']} from something else than a Secret")
+                if "secretKeyRef" in source:
+                    ref = source["secretKeyRef"]
+                    if ref["name"] != SECRET_NAME or ref["key"] not in SECRET_KEYS:
+                        problems.append(f"{at} reads {ref['name']}/{ref['key']}, not a documented key")
+                if "configMapKeyRef" in source and source["configMapKeyRef"]["key"] not in config_map:
+                    problems.append(
+                        f"{at} reads setting {source['configMapKeyRef']['key']}, which is not set"
+                    )
+            for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+                path = container.get(probe, {}).get("httpGet", {}).get("path")
+                if path and path.startswith("/v2/"):
+                    problems += probe_problems(path, f"{at} {probe}")
+
+    triton = find(docs, "Deployment", "triton")
+    spec = triton.get("spec", {}).get("template", {}).get("spec", {})
+    containers = {c["name"]: c for c in spec.get("containers", []) + spec.get("initContainers", [])}
+    server = containers.get("triton", {})
+    for name in ("triton", "plan-builder"):
+        if containers.get(name, {}).get("resources", {}).get("limits", {}).get("nvidia.com/gpu") != 1:
+            problems.append(f"triton pod: {name} has no nvidia.com/gpu limit of 1")
+    if not any(c["name"] == "plan-builder" for c in spec.get("initContainers", [])):
+        problems.append("triton pod: plans are not built by an init step")
+    ports = {p["name"]: p["containerPort"] for p in server.get("ports", [])}
+    if ports != TRITON_PORTS:
+        problems.append(f"triton container ports {ports} are not {TRITON_PORTS}")
+    for port_name, port in TRITON_PORTS.items():
+        if flag(server.get("command", []), f"{port_name}-port") != str(port):
+            problems.append(f"tritonserver's {port_name} port is not {port}")
+    if "--model-control-mode=explicit" not in server.get("command", []):
+        problems.append("tritonserver does not run in explicit model-control mode")
+    expected = {"livenessProbe": "/v2/health/live", "readinessProbe": f"/v2/models/{SERVED_MODEL}/ready"}
+    for probe, path in {**expected, "startupProbe": "/v2/health/"}.items():
+        get = server.get(probe, {}).get("httpGet", {})
+        if (
+            not str(get.get("path", "")).startswith(path)
+            or ports.get(get.get("port")) != TRITON_PORTS["http"]
+        ):
+            problems.append(f"triton {probe} does not ask {path} on the HTTP port: {get}")
+    sync = containers.get("sync", {}).get("command", [])
+    if flag(sync, "triton-url") != f"127.0.0.1:{TRITON_PORTS['http']}" or flag(sync, "model") != SERVED_MODEL:
+        problems.append("the sync sidecar does not serve tryon through Triton's HTTP port")
+    mounts = {
+        name: {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])} for name, c in containers.items()
+    }
+    repository = flag(server.get("command", []), "model-repository")
+    if not flag(sync, "repository") == mounts.get("sync", {}).get("models") == repository:
+        problems.append("the sync sidecar does not write the model repository Triton serves")
+    if (
+        not flag(sync, "plans")
+        == mounts.get("sync", {}).get("plans")
+        == mounts.get("plan-builder", {}).get("plans")
+    ):
+        problems.append("the sync sidecar does not read the plan store the init step writes")
+    if "nvidia.com/gpu" not in json.dumps(spec.get("tolerations", [])):
+        problems.append("triton pod does not tolerate GPU node taints")
+
+    services = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Service"}
+    served = {
+        p["port"]: p["targetPort"]
+        for s in ("triton", "triton-metrics")
+        for p in services.get(s, {}).get("spec", {}).get("ports", [])
+    }
+    if {port: ports.get(target) for port, target in served.items()} != {v: v for v in TRITON_PORTS.values()}:
+        problems.append(f"the triton Services expose {served}, not HTTP, gRPC and metrics")
+
+    hpa = next((d for d in docs if d["kind"] == "HorizontalPodAutoscaler"), {})
+    if hpa.get("apiVersion") != "autoscaling/v2":
+        problems.append(f"the HPA is {hpa.get('apiVersion')}, not autoscaling/v2")
+    target = hpa.get("spec", {}).get("scaleTargetRef", {})
+    if (target.get("kind"), target.get("name")) != ("Deployment", "triton"):
+        problems.append("the HPA does not scale the triton Deployment")
+    metrics = hpa.get("spec", {}).get("metrics", [])
+    if [m.get("pods", {}).get("metric", {}).get("name") for m in metrics] != [adapter_metric_name()]:
+        problems.append("the HPA does not scale on the Prometheus adapter's Triton queue-time metric")
+    return problems
+
+
+def adapter_rule() -> dict:
+    values = yaml.safe_load((PROJECT_ROOT / "k8s" / "prometheus-adapter-values.yaml").read_text())
+    (rule,) = values["rules"]["custom"]
+    return rule
+
+
+def adapter_metric_name() -> str:
+    return adapter_rule()["name"]["as"]
+
+
+def test_kustomize_renders_every_overlay_and_the_checks_pass(rendered):
+    overlay, docs = rendered
+    assert k8s_problems(docs) == []
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] != "Namespace"} == {"fashionserve"}
+
+
+def test_overlays_differ_where_they_should():
+    local, production = render("local"), render("production")
+    triton = {
+        o: find(d, "Deployment", "triton")["spec"] for o, d in (("local", local), ("production", production))
+    }
+    assert (
+        "nodeSelector" not in triton["local"]["template"]["spec"]
+        or not triton["local"]["template"]["spec"]["nodeSelector"]
+    )
+    assert triton["production"]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"]
+    assert triton["local"]["strategy"]["type"] == "Recreate"  # one GPU
+    assert find(production, "HorizontalPodAutoscaler", "triton")["spec"]["maxReplicas"] > 1
+    assert find(production, "ServiceMonitor", "triton")["spec"]["endpoints"][0]["port"] == "metrics"
+    metrics_service = find(production, "Service", "triton-metrics")
+    selector = find(production, "ServiceMonitor", "triton")["spec"]["selector"]["matchLabels"]
+    assert selector.items() <= metrics_service["metadata"]["labels"].items()
+
+
+def test_one_release_pins_triton_and_tensorrt_everywhere(env_example):
+    release = env_example["NGC_RELEASE"]
+    assert re.fullmatch(r"\d\d\.\d\d", release)
+    dockerfile = (PROJECT_ROOT / "deploy" / "Dockerfile").read_text()
+    assert f"ARG NGC_RELEASE={release}" in dockerfile
+    assert "FROM nvcr.io/nvidia/tensorrt:${NGC_RELEASE}-py3 AS plans" in dockerfile
+    assert f"ARG PYTHON_IMAGE={env_example['PYTHON_IMAGE']}" in dockerfile
+    assert image_problems(env_example["PYTHON_IMAGE"], "PYTHON_IMAGE") == []
+    for overlay in OVERLAYS:
+        images = [
+            c["image"]
+            for _, spec in pod_specs(render(overlay))
+            for c in spec.get("initContainers", []) + spec["containers"]
+        ]
+        assert f"nvcr.io/nvidia/tritonserver:{release}-py3" in images
+        plans = {image for image in images if image.rpartition(":")[0].endswith("plans")}
+        assert len(plans) == 1 and plans.pop().rpartition(":")[2].startswith(f"{release}-")
+
+
+def read_pins(path: Path) -> dict[str, str]:
+    lines = (line.split("#")[0].strip() for line in path.read_text().splitlines())
+    pins = (line.split("==") for line in lines if line)
+    return {re.sub(r"\[.*\]", "", name).lower(): version for name, version in pins}
+
+
+def test_the_images_install_the_project_pins():
+    project = read_pins(PROJECT_ROOT / "requirements.txt")
+    assert project["mlflow"] == read_pins(PROJECT_ROOT / "deploy" / "requirements-mlflow.txt")["mlflow"]
+    plans = read_pins(PROJECT_ROOT / "deploy" / "requirements-plans.txt")
+    assert plans.pop("mlflow-skinny") == project["mlflow"]  # the client half of the same release
+    assert plans == {name: project[name] for name in plans}
+
+
+def test_the_adapter_rule_builds_the_metric_from_triton_queue_time():
+    rule = adapter_rule()
+    assert rule["seriesQuery"].startswith(QUEUE_METRIC)
+    query = rule["metricsQuery"]
+    assert f"increase({QUEUE_METRIC}{{" in query and "nv_inference_request_success" in query
+    composing = re.search(r'model=~"([^"]+)"', query).group(1)
+    ensemble = re.search(r'model="([^"]+)"', query).group(1)
+    steps = {step.model_name for step in ensemble_steps(ensemble)}
+    assert {m for m in model_names() if re.fullmatch(composing, m)} == steps
+
+
+def broken(docs: list[dict], edit) -> list[dict]:
+    docs = copy.deepcopy(docs)
+    edit(docs)
+    return docs
+
+
+def _container(docs: list[dict], kind: str, workload: str, name: str) -> dict:
+    spec = find(docs, kind, workload)["spec"]["template"]["spec"]
+    return next(c for c in spec["containers"] + spec.get("initContainers", []) if c["name"] == name)
+
+
+def _triton_container(docs: list[dict], name: str = "triton") -> dict:
+    return _container(docs, "Deployment", "triton", name)
+
+
+BROKEN_K8S = {
+    "no GPU limit": (
+        lambda d: _triton_container(d)["resources"]["limits"].pop("nvidia.com/gpu"),
+        "triton has no nvidia.com/gpu limit",
+    ),
+    "no GPU for the plan builder": (
+        lambda d: _triton_container(d, "plan-builder")["resources"]["limits"].pop("nvidia.com/gpu"),
+        "plan-builder has no nvidia.com/gpu limit",
+    ),
+    "made-up probe path": (
+        lambda d: _triton_container(d)["livenessProbe"]["httpGet"].update(path="/v2/health/alive"),
+        "probe path /v2/health/alive",
+    ),
+    "probe on an unknown model": (
+        lambda d: _triton_container(d)["readinessProbe"]["httpGet"].update(path="/v2/models/hair/ready"),
+        "probe path /v2/models/hair/ready",
+    ),
+    "probe on the metrics port": (
+        lambda d: _triton_container(d)["livenessProbe"]["httpGet"].update(port="metrics"),
+        "livenessProbe does not ask /v2/health/live on the HTTP port",
+    ),
+    "latest image": (
+        lambda d: _triton_container(d, "sync").update(image="fashionserve-tools:latest"),
+        "latest",
+    ),
+    "untagged image": (
+        lambda d: _triton_container(d).update(image="nvcr.io/nvidia/tritonserver"),
+        "has no tag",
+    ),
+    "inlined Secret": (
+        lambda d: d.append({"kind": "Secret", "metadata": {"name": SECRET_NAME}, "stringData": {"a": "b"}}),
+        "a Secret is inlined",
+    ),
+    "password in plain env": (
+        lambda d: _triton_container(d, "sync")["env"].append({"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}),
+        "sets AWS_SECRET_ACCESS_KEY from something else than a Secret",
+    ),
+    "no limits": (lambda d: _triton_container(d, "sync")["resources"].pop("limits"), "sync has no limits"),
+    "old HPA API": (
+        lambda d: find(d, "HorizontalPodAutoscaler", "triton").update(apiVersion="autoscaling/v2beta2"),
+        "not autoscaling/v2",
+    ),
+    "HPA on CPU": (
+        lambda d: find(d, "HorizontalPodAutoscaler", "triton")["spec"].update(
+            metrics=[{"type": "Resource", "resource": {"name": "cpu"}}]
+        ),
+        "queue-time metric",
+    ),
+    "gRPC Service on the HTTP port": (
+        lambda d: find(d, "Service", "triton")["spec"]["ports"][1].update(targetPort="http"),
+        "the triton Services expose",
+    ),
+    "sidecar writes elsewhere": (
+        lambda d: _triton_container(d, "sync")["volumeMounts"][0].update(mountPath="/srv"),
+        "does not write the model repository",
+    ),
+    "sidecar syncs another folder": (
+        lambda d: _triton_container(d, "sync")["command"].append("--repository=/tmp/models"),
+        "does not write the model repository",
+    ),
+    "undeclared volume": (
+        lambda d: _triton_container(d)["volumeMounts"].append({"name": "cache", "mountPath": "/cache"}),
+        "mounts cache, which the pod does not declare",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BROKEN_K8S, ids=list(BROKEN_K8S))
+def test_k8s_checker_names_what_a_broken_copy_breaks(case):
+    edit, expected = BROKEN_K8S[case]
+    problems = k8s_problems(broken(render("production"), edit))
+    assert any(expected in problem for problem in problems), problems
+
+
+# ---------------------------------------------------------------------------------------------------
+# The commands compose and k8s run are accepted by the CLIs (each stops at its first real dependency)
+
+
+def expand_k8s_variables(arg: str, env: dict[str, str]) -> str:
+    """Kubernetes expands $(NAME) in a container's command from its environment."""
+    return re.sub(r"\$\((\w+)\)", lambda match: env[match.group(1)], arg)
+
+
+def stack_commands(source: str, env_example: dict[str, str]) -> dict[str, list[str]]:
+    """The tools' command lines as compose or the production overlay runs them (one-shot: no --watch)."""
+    if source == "compose":
+        values = {**env_example, "POSTGRES_PASSWORD": "x", "MINIO_ROOT_PASSWORD": "x"}
+        services = load_compose(COMPOSE_FILE.read_text(), values)["services"]
+        commands = {
+            "sync": services["sync"]["command"],
+            "bootstrap": services["bootstrap"]["command"],
+            "plan-builder": services["plan-builder"]["entrypoint"] + services["plan-builder"]["command"],
+        }
+    else:
+        docs = render("production")
+        settings = find(docs, "ConfigMap", "fashionserve-settings")["data"]
+        containers = {
+            name: _container(docs, kind, workload, name)
+            for kind, workload, name in [
+                ("Deployment", "triton", "sync"),
+                ("Deployment", "triton", "plan-builder"),
+                ("Job", "bootstrap", "bootstrap"),
+            ]
+        }
+        commands = {}
+        for name, container in containers.items():
+            env = {e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]] for e in container["env"]}
+            commands[name] = [expand_k8s_variables(arg, env) for arg in container["command"]]
+    assert all(command[0] == "python" for command in commands.values())
+    return {name: [a for a in command[1:] if a != "--watch"] for name, command in commands.items()}
+
+
+@pytest.mark.parametrize("source", ["compose", "k8s"])
+def test_the_stack_commands_are_accepted_by_the_clis(source, env_example):
+    """Each tool stops at its first real dependency (MLflow, TensorRT), so its arguments were accepted."""
+    commands = stack_commands(source, env_example)
+    dead = "http://127.0.0.1:9"  # discard port: nothing listens
+    for name in ("sync", "bootstrap"):
+        result = run_cli(*commands[name], f"--tracking-uri={dead}", timeout=120)
+        assert (result.returncode, result.stderr.splitlines()) == (
+            2,
+            [f"error: cannot reach MLflow at {dead}: [Errno 111] Connection refused"],
+        ), name
+    result = run_cli(*commands["plan-builder"], "--version", "3", timeout=120)
+    assert result.returncode == 2 and "error: TensorRT is not installed" in result.stderr, result.stderr
+
+
+def test_sync_takes_plans_only_on_the_gpu_target():
+    result = run_cli("mlflow/sync.py", "--repository=/models", "--plans=/plans")  # cpu target
+    assert result.returncode == 2 and "--plans applies to --target gpu only" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------------
+# First run and the plan store, against a real MLflow server
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory):
+    with MlflowServer(root=tmp_path_factory.mktemp("mlflow-deploy")) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def bootstrapped(mlflow_server, tmp_path_factory):
+    bundles = tmp_path_factory.mktemp("bundles")
+    args = ["deploy/bootstrap.py", f"--bundles={bundles}", "--resolution=256x192"]
+    result = run_cli(*args, f"--tracking-uri={mlflow_server.url}", "--", *SMALL_EXPORT, timeout=600)
+    return result, bundles
+
+
+def test_bootstrap_registers_and_promotes_the_demo_once(mlflow_server, bootstrapped):
+    result, bundles = bootstrapped
+    assert result.returncode == 0, result.stderr
+    assert "random-init weights: outputs are noise" in result.stdout
+    assert "'tryon' alias 'production' -> version 1" in result.stdout
+    client = connect(mlflow_server.url)
+    version = client.get_model_version_by_alias("tryon", "production")
+    assert RANDOM_INIT in version.tags and version.tags["resolution"] == "256x192"
+    again = run_cli("deploy/bootstrap.py", f"--bundles={bundles}", f"--tracking-uri={mlflow_server.url}")
+    assert again.returncode == 0, again.stderr
+    assert again.stdout.strip() == "'tryon' alias 'production' -> version 1: nothing to do"
+    assert len(client.search_model_versions("name='tryon'")) == 1
+
+
+def test_bootstrap_never_promotes_the_demo_over_a_registry_in_use(bootstrapped, tmp_path):
+    demo_bundle = bootstrapped[1] / "tryon-random-init-256x192"
+    with MlflowServer(root=tmp_path / "mlflow") as server:
+        client = connect(server.url)
+        run_cli("mlflow/register.py", str(demo_bundle), f"--tracking-uri={server.url}")
+        client.delete_model_version_tag("tryon", "1", RANDOM_INIT)  # stands for a trained version
+        result = run_cli("deploy/bootstrap.py", f"--bundles={tmp_path}", f"--tracking-uri={server.url}")
+        assert result.returncode == 2
+        assert result.stderr.startswith("error: 'tryon' has versions (1) but none holds alias 'production'")
+        client.set_model_version_tag("tryon", "1", RANDOM_INIT, "true")  # a demo an earlier run registered
+        result = run_cli("deploy/bootstrap.py", f"--bundles={tmp_path}", f"--tracking-uri={server.url}")
+        assert result.returncode == 0, result.stderr
+        assert "reusing the demo version 1" in result.stdout
+        assert client.get_model_version_by_alias("tryon", "production").version == "1"
+
+
+def fake_plans(bundle: Path, manifest: dict) -> dict:
+    """Plan files as the builder names and lists them (TensorRT cannot run here): the store only moves
+    and checks bytes."""
+    for network in HEAVY_NETWORKS:
+        gpu = Gpu("NVIDIA H100", "9.0")
+        relative = f"{network}/{plan_file_name('fp32', gpu, '10.13.3.9')}"
+        (bundle / relative).write_bytes(b"plan of " + network.encode())
+        entry = {
+            "file": relative,
+            "variant": "fp32",
+            "compute_capability": "9.0",
+            "tensorrt_version": "10.13.3.9",
+        }
+        manifest = record_plan(manifest, network, entry)
+    return manifest
+
+
+def test_sync_renders_the_gpu_target_from_the_plan_store(mlflow_server, bootstrapped, tmp_path):
+    plan_builder = load_script("deploy/plan_builder.py")
+    client = connect(mlflow_server.url)
+    model_version = client.get_model_version_by_alias("tryon", "production")
+    store = tmp_path / "plans"
+
+    def stage(name: str):
+        return _stage(model_version, client, tmp_path / name, tmp_path / "served", {}, "gpu", "fp32", store)
+
+    with pytest.raises(RegistryError, match="no TensorRT plans for this bundle in .*: build them"):
+        stage("without-plans")
+
+    # what the plan builder does after TensorRT built the plans into its download
+    bundle, _, manifest = download_bundle(client, model_version, tmp_path / "builder")
+    dest = plan_store_dir(store, "tryon", bundle_digest(bundle))
+    assert bundle_digest(bundle) == model_version.tags["bundle_sha256"]
+    assert not plan_builder.already_built(dest, list(HEAVY_NETWORKS), "fp32", "9.0", "10.13.3.9")
+    published = publish_plans(bundle, fake_plans(bundle, manifest), dest)
+    assert len(published) == len(HEAVY_NETWORKS) and not list(dest.rglob("*.partial"))
+    assert plan_builder.already_built(dest, list(HEAVY_NETWORKS), "fp32", "9.0", "10.13.3.9")
+    assert not plan_builder.already_built(dest, list(HEAVY_NETWORKS), "fp32", "8.9", "10.13.3.9")
+    assert not plan_builder.already_built(dest, list(HEAVY_NETWORKS), "int8", "9.0", "10.13.3.9")
+
+    _, staged, version = stage("with-plans")
+    config = read_config(staged / "tryon_image_generator" / "config.pbtxt")
+    assert config.platform == "tensorrt_plan"
+    assert dict(config.cc_model_filenames) == {"9.0": "model.fp32.sm90.trt10.13.3.9.plan"}
+    plan = staged / "tryon_image_generator" / str(version) / "model.fp32.sm90.trt10.13.3.9.plan"
+    assert plan.read_bytes() == b"plan of tryon_image_generator"
+
+    index = json.loads((dest / PLAN_STORE_INDEX).read_text())
+    (dest / index["tryon_image_generator"][0]["file"]).write_bytes(b"flipped bits")
+    with pytest.raises(RegistryError, match="differs from its sha256"):
+        stage("corrupted")
+
+
+def load_script(relative: str):
+    """A CLI script as a module (its functions), without running main."""
+    spec = importlib.util.spec_from_file_location(Path(relative).stem, PROJECT_ROOT / relative)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mlflow_accepts_the_host_names_the_containers_use():
+    """MLflow refuses unknown Host headers (DNS rebinding); compose and k8s reach it as mlflow:5000."""
+    compose_command = yaml.safe_load(COMPOSE_FILE.read_text())["services"]["mlflow"]["command"]
+    k8s_command = _container(render("production"), "Deployment", "mlflow", "mlflow")["command"]
+    for command in (compose_command, k8s_command):
+        allowed = flag(command, "allowed-hosts").split(",")
+        for host in ("mlflow:5000", "localhost:5000", "127.0.0.1:5000"):
+            assert is_allowed_host_header(allowed, host), host
+        assert not is_allowed_host_header(allowed, "evil.example.com:5000")
