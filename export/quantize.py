@@ -8,6 +8,8 @@ What is quantized and how the gate judges it follows the bundle's pipeline (its 
                       the same seeded latents
   garment_classifier  the classifier network; gate: top-1 agreement with fp32 and the largest class
                       probability difference on drawn product photos of several sizes
+  hair                the encoder, generator and parser; the whole pipeline (both ensembles) runs in
+                      fp32 and with each variant on drawn portraits; gate: SSIM/PSNR of the final images
 Variant files sit next to each fp32 model.onnx (inputs and outputs stay fp32); the results are recorded
 in the manifest under "variants". A variant that misses its thresholds is recorded all the same, the
 command exits 2 with one line, and it is never served unless forced. Options of another pipeline are
@@ -19,6 +21,7 @@ Examples:
   python export/quantize.py work/bundles/tryon --variants int8 --min-ssim-int8 0.97
   python export/quantize.py work/bundles/fashion_generator --variants int8 --max-swd-int8 15
   python export/quantize.py work/bundles/garment_classifier
+  python export/quantize.py work/bundles/hair --variants fp16
 """
 
 import argparse
@@ -40,6 +43,8 @@ from fashionserve.catalogue.quantize import (  # noqa: E402
     quantize_generator_bundle,
 )
 from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.hair.bundle import PIPELINE as HAIR  # noqa: E402
+from fashionserve.hair.quantize import HairQuantizeOptions, quantize_hair_bundle  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 from fashionserve.quantization import (  # noqa: E402
     DEFAULT_MAX_EXCLUDED_FRACTION,
@@ -58,11 +63,12 @@ from fashionserve.tryon.bundle import ENSEMBLE as TRYON  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError  # noqa: E402
 
 DRAWN = "samples"
-PIPELINES = (TRYON, GENERATOR, CLASSIFIER)
+PIPELINES = (TRYON, GENERATOR, CLASSIFIER, HAIR)
 DEFAULTS = {
     TRYON: QuantizeOptions(),
     GENERATOR: GeneratorQuantizeOptions(),
     CLASSIFIER: ClassifierQuantizeOptions(),
+    HAIR: HairQuantizeOptions(),
 }
 
 
@@ -84,7 +90,7 @@ THRESHOLDS = {
     ),
 }
 GROUPS = {
-    TRYON: "tryon (means over the evaluation pairs, final images vs fp32)",
+    TRYON: "tryon and hair (means over the evaluation samples, final images vs fp32)",
     GENERATOR: "fashion_generator (fp32 vs variant images of the same latents)",
     CLASSIFIER: "garment_classifier (fp32 vs variant on drawn product photos)",
 }
@@ -100,6 +106,8 @@ PIPELINE_OPTIONS = {
         (CLASSIFIER, ("seed",)),
     )
 }
+# hair is gated like try-on (SSIM/PSNR of the final images), on drawn portraits only
+PIPELINE_OPTIONS[HAIR] = PIPELINE_OPTIONS[TRYON] - {"calibration_dir", "eval_dir"}
 
 
 def parse_args() -> argparse.Namespace:
@@ -117,21 +125,21 @@ def parse_args() -> argparse.Namespace:
         "--calibration-samples",
         type=int,
         metavar="N",
-        help=f"pairs / latents / photos to calibrate on (default {samples})",
+        help=f"pairs / latents / photos / portraits to calibrate on (default {samples})",
     )
     samples = " / ".join(f"{DEFAULTS[p].eval_samples}" for p in PIPELINES)
     parser.add_argument(
         "--eval-samples",
         type=int,
         metavar="N",
-        help=f"pairs / latents / photos the gate compares (default {samples})",
+        help=f"pairs / latents / photos / portraits the gate compares (default {samples})",
     )
     parser.add_argument(
         "--max-excluded-fraction",
         type=float,
         metavar="F",
-        help="tryon, fashion_generator: most layers per network that measurement may keep in fp32, as a "
-        f"fraction (default {DEFAULT_MAX_EXCLUDED_FRACTION})",
+        help="tryon, fashion_generator, hair: most layers per network that measurement may keep in fp32, "
+        f"as a fraction (default {DEFAULT_MAX_EXCLUDED_FRACTION})",
     )
     groups = {pipeline: parser.add_argument_group(title) for pipeline, title in GROUPS.items()}
     groups[TRYON].add_argument(
@@ -203,6 +211,22 @@ def _refuse_foreign_options(args: argparse.Namespace, pipeline: str) -> None:
 def quantize(args: argparse.Namespace, pipeline: str) -> dict:
     """Quantize the bundle with its pipeline's method and gate; returns the new manifest."""
     defaults = DEFAULTS[pipeline]
+    ssim_psnr = {
+        v: Thresholds(
+            _given(args, f"min_ssim_{v}", DEFAULT_MIN_SSIM[v]),
+            _given(args, f"min_psnr_{v}", DEFAULT_MIN_PSNR[v]),
+        )
+        for v in VARIANTS
+    }
+    if pipeline == HAIR:
+        options = HairQuantizeOptions(
+            variants=args.variants,
+            calibration_samples=_given(args, "calibration_samples", defaults.calibration_samples),
+            eval_samples=_given(args, "eval_samples", defaults.eval_samples),
+            thresholds=ssim_psnr,
+            max_excluded_fraction=_given(args, "max_excluded_fraction", defaults.max_excluded_fraction),
+        )
+        return quantize_hair_bundle(args.bundle, options, log=_log)
     if pipeline == TRYON:
         options = QuantizeOptions(
             variants=args.variants,
@@ -210,13 +234,7 @@ def quantize(args: argparse.Namespace, pipeline: str) -> dict:
             calibration_samples=_given(args, "calibration_samples", defaults.calibration_samples),
             eval_dir=_folder(args.eval_dir),
             eval_samples=_given(args, "eval_samples", defaults.eval_samples),
-            thresholds={
-                v: Thresholds(
-                    _given(args, f"min_ssim_{v}", DEFAULT_MIN_SSIM[v]),
-                    _given(args, f"min_psnr_{v}", DEFAULT_MIN_PSNR[v]),
-                )
-                for v in VARIANTS
-            },
+            thresholds=ssim_psnr,
             max_excluded_fraction=_given(args, "max_excluded_fraction", defaults.max_excluded_fraction),
         )
         return quantize_bundle(args.bundle, options, log=_log)

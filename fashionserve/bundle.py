@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from fashionserve.checkpoints import sha256_file
 from fashionserve.onnx_export import OPSET, ExportError, export_onnx, max_abs_error, run_onnx, tensor_specs
-from fashionserve.repository import ensemble_steps
+from fashionserve.repository import TRACKED_REPOSITORY, read_config
 
 RANDOM_INIT = "random-init"
 MANIFEST = "manifest.json"
@@ -54,29 +54,59 @@ def record_stage_runs(
     modules: Mapping[str, nn.Module],
     client_inputs: tuple[Tensor, ...],
 ) -> StageRuns:
-    """Run the stage modules wired like the tracked ensemble `pipeline` and record every stage's
-    (inputs, outputs) by stage name; the first stage's inputs are the client inputs, in order."""
-    values = dict(zip(stages[0].inputs, client_inputs, strict=True))  # ensemble tensor name -> value
-    steps = {step.model_name: step for step in ensemble_steps(pipeline)}
-    recorded = {}
+    """Run the stage modules wired like the tracked ensemble `pipeline` (its steps in order; the client
+    inputs in the order of the ensemble's inputs) and record every stage's (inputs, outputs) by stage
+    name. A model that several steps use (e.g. one encoder for two images) is recorded once, its calls
+    concatenated along the batch: every stage treats the samples of a batch independently."""
+    ensemble = read_config(TRACKED_REPOSITORY / pipeline / "config.pbtxt")
+    values = dict(zip([t.name for t in ensemble.input], client_inputs, strict=True))  # tensor -> value
+    by_name = {stage.name: stage for stage in stages}
+    calls: dict[str, list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]] = {}
     with torch.no_grad():
-        for stage in stages:
-            step = steps[stage.name]
+        for step in ensemble.ensemble_scheduling.step:
+            stage = by_name[step.model_name]
             args = tuple(values[step.input_map[name]] for name in stage.inputs)
             outputs = modules[stage.name](*args)
             outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-            recorded[stage.name] = (args, outputs)
+            calls.setdefault(stage.name, []).append((args, outputs))
             values.update(
-                {step.output_map[name]: value for name, value in zip(stage.outputs, outputs, strict=True)}
+                {
+                    step.output_map[name]: value
+                    for name, value in zip(stage.outputs, outputs, strict=True)
+                    if name in step.output_map  # a step may leave an output unused
+                }
             )
-    return recorded
+    return {
+        name: (_concatenate([a for a, _ in runs]), _concatenate([o for _, o in runs]))
+        for name, runs in calls.items()
+    }
+
+
+def _concatenate(calls: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
+    return calls[0] if len(calls) == 1 else tuple(torch.cat(tensors) for tensors in zip(*calls, strict=True))
+
+
+def ensemble_contract(ensemble: str, models: Mapping[str, dict]) -> dict:
+    """The client contract of a tracked ensemble (its inputs and outputs, in config order) from the
+    tensor specs of the exported models its steps map them to."""
+    config = read_config(TRACKED_REPOSITORY / ensemble / "config.pbtxt")
+    specs = {}  # ensemble tensor name -> spec
+    for step in config.ensemble_scheduling.step:
+        model = models[step.model_name]
+        for kind, mapping in (("inputs", step.input_map), ("outputs", step.output_map)):
+            by_name = {spec["name"]: spec for spec in model[kind]}
+            specs.update({value: {**by_name[key], "name": value} for key, value in mapping.items()})
+    return {
+        "input_contract": [specs[t.name] for t in config.input],
+        "output_contract": [specs[t.name] for t in config.output],
+    }
 
 
 def export_pipeline(
     pipeline: str,
     stages: Sequence[Stage],
     modules: Mapping[str, nn.Module],
-    client_inputs: ClientInputs,
+    client_inputs: ClientInputs | Mapping[str, ClientInputs],
     description: dict,
     out_dir: Path,
     max_batch: int,
@@ -86,26 +116,41 @@ def export_pipeline(
 ) -> dict:
     """Export every stage to `out_dir/<stage>/model.onnx`, check ONNX Runtime against PyTorch on seeded
     client inputs at `parity_batches`, write the manifest (`description` supplies architecture, config,
-    weights and provenance) and return it. Never leaves a half-written bundle."""
+    weights and provenance) and return it. Never leaves a half-written bundle.
+
+    A pipeline is served by the tracked ensemble of its name, or, when `client_inputs` maps ensemble
+    names to their inputs, by several ensembles sharing the stages (the manifest lists them under
+    `ensembles`; its top-level contract is the first one's)."""
     if out_dir.exists():
         raise ExportError(f"output directory already exists: {out_dir} (choose another or remove it)")
     tmp_dir = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir(parents=True)
     try:
+        inputs_by_ensemble = (
+            client_inputs if isinstance(client_inputs, Mapping) else {pipeline: client_inputs}
+        )
         runs = [
-            record_stage_runs(pipeline, stages, modules, client_inputs(b, 100 + b)) for b in parity_batches
+            record_stage_runs(ensemble, stages, modules, inputs(b, 100 + b))
+            for ensemble, inputs in inputs_by_ensemble.items()
+            for b in parity_batches
         ]
         models = {}
         for index, stage in enumerate(stages, start=1):
             started = time.monotonic()
             log(f"[{index}/{len(stages)}] exporting {stage.name}")
             models[stage.name] = _export_stage(
-                stage, modules[stage.name], runs, tmp_dir, max_batch, parity_error
+                stage,
+                modules[stage.name],
+                [r for r in runs if stage.name in r],
+                tmp_dir,
+                max_batch,
+                parity_error,
             )
             errors = models[stage.name]["parity_max_error"]
             worst = max(errors, key=errors.__getitem__)
             log(f"    ok in {time.monotonic() - started:.1f}s, parity {worst}={errors[worst]:.2e}")
+        contracts = {name: ensemble_contract(name, models) for name in inputs_by_ensemble}
         manifest = {
             "pipeline": pipeline,
             **description,
@@ -114,8 +159,8 @@ def export_pipeline(
             "parity_batches": list(parity_batches),
             "torch_version": torch.__version__,
             "onnxruntime_version": ort.__version__,
-            "input_contract": models[stages[0].name]["inputs"],
-            "output_contract": models[stages[-1].name]["outputs"],
+            **next(iter(contracts.values())),
+            "ensembles": contracts,
             "models": models,
         }
         write_manifest(tmp_dir, manifest)
@@ -140,9 +185,13 @@ def _export_stage(
     dynamic_axes: dict[str, dict[int, str]] = {}
     for tensor, axis, name in stage.dynamic_axes:
         dynamic_axes.setdefault(tensor, {})[axis] = name
+    # the largest recorded batch the ONNX file accepts (a stage used by two steps runs twice the batch)
+    examples = [run[stage.name][0] for run in runs if len(run[stage.name][0][0]) <= max_batch]
+    if not examples:
+        raise ExportError(f"{stage.name}: every parity batch is larger than the max batch {max_batch}")
     export_onnx(
         module,
-        runs[-1][stage.name][0],
+        examples[-1],
         path,
         list(stage.inputs),
         list(stage.outputs),

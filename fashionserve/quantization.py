@@ -296,15 +296,13 @@ def flow_math_nodes(model: onnx.ModelProto) -> list[str]:
 
 
 def _detach_graph_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Copy of `model` where no node reads a graph output: such an output (the flow, here) is renamed
-    inside the graph and copied out by an Identity. The fp16 converter retypes a graph output written
-    by a kept-fp32 node to fp16 (keep_io_types then misses it); the Identity avoids that."""
+    """Copy of `model` where every graph output is renamed inside the graph and copied out by an
+    Identity. The fp16 converter retypes a graph output written by a kept-fp32 node to fp16
+    (keep_io_types then misses it: the try-on flow, read by other nodes too, or the face parser's
+    logits, written by a blocked Resize); the Identity avoids that."""
     model = copy.deepcopy(model)
     del model.graph.value_info[:]  # the converter infers types afresh; stale ones would contradict it
-    read = {name for node in model.graph.node for name in node.input}
     for output in model.graph.output:
-        if output.name not in read:
-            continue
         inner = output.name + "__inner"
         for node in model.graph.node:
             node.input[:] = [inner if name == output.name else name for name in node.input]

@@ -57,6 +57,7 @@ from fashionserve.plans import record_plan
 from fashionserve.repository import (
     TRACKED_REPOSITORY,
     RenderError,
+    pipeline_ensembles,
     read_config,
     render_repository,
     write_config,
@@ -201,12 +202,14 @@ def quality_gate(manifest: dict) -> tuple[str, str]:
     return ("failed", "; ".join(failed)) if failed else ("passed", "")
 
 
-def _source_configs(pipeline: str, source: Path, dest: Path) -> None:
-    """Copy the ensemble's and its composing models' config.pbtxt from `source` into `dest`."""
-    ensemble = read_config(source / pipeline / "config.pbtxt")
-    for name in [pipeline, *(step.model_name for step in ensemble.ensemble_scheduling.step)]:
-        (dest / name).mkdir(parents=True)
-        shutil.copyfile(source / name / "config.pbtxt", dest / name / "config.pbtxt")
+def _source_configs(ensembles: list[str], source: Path, dest: Path) -> None:
+    """Copy the ensembles' and their composing models' config.pbtxt from `source` into `dest`."""
+    for ensemble in ensembles:
+        config = read_config(source / ensemble / "config.pbtxt")
+        for name in [ensemble, *(step.model_name for step in config.ensemble_scheduling.step)]:
+            if not (dest / name).exists():  # composing models may serve several ensembles
+                (dest / name).mkdir(parents=True)
+                shutil.copyfile(source / name / "config.pbtxt", dest / name / "config.pbtxt")
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def register_bundle(
         )
     with tempfile.TemporaryDirectory(prefix="fashionserve-register-") as tmp:
         configs = Path(tmp) / CONFIG_ARTIFACTS
-        _source_configs(pipeline, TRACKED_REPOSITORY, configs)
+        _source_configs(pipeline_ensembles(manifest), TRACKED_REPOSITORY, configs)
         try:  # the check sync will need: the bundle renders against the configs it is logged with
             render_repository(bundle_dir, manifest, Path(tmp) / "rendered", target="cpu", source=configs)
         except RenderError as exc:
@@ -689,8 +692,10 @@ def sync_once(
     plans: Path | None = None,
 ) -> SyncResult:
     """Make Triton serve the version `alias` points at, as a new Triton version in `repository` (the
-    folder Triton serves, explicit model control). Idempotent: nothing changes when it already does.
-    On the gpu target, `plans` is the plan store the plan builder wrote the version's plans into."""
+    folder Triton serves, explicit model control): every ensemble the bundle serves (e.g. `hair`:
+    hair_transfer and hair_edit) and their composing models. Idempotent: nothing changes when it
+    already does. On the gpu target, `plans` is the plan store the plan builder wrote the version's
+    plans into."""
     started = time.monotonic()
     repository = repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
@@ -702,14 +707,19 @@ def sync_once(
         for leftover in repository.glob("*/.*.partial"):  # from a sync that was killed mid-copy
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         state = _read_state(repository).get(name, {})
-        ready = [v for v, (s, _) in triton.versions(name).items() if s == "READY"]
+        served = _served_contracts(state, name)  # ensemble -> contract of what is live
+        primary = next(iter(served))
+        ready = [v for v, (s, _) in triton.versions(primary).items() if s == "READY"]
         live = max(ready) if ready else None
         current = state.get("triton_version")
-        if all(state.get(k) == v for k, v in wanted.items()) and current in _numeric_dirs(repository / name):
+        if all(state.get(k) == v for k, v in wanted.items()) and current in _numeric_dirs(
+            repository / primary
+        ):
             if live != current:  # e.g. Triton restarted: the files are there, load them again
                 log(f"{name} version {model_version.version} is not loaded in Triton; loading it")
-                _load_ready(triton, name, current, f"{name} version {current}")
-                triton.check_inference(name, current, state)
+                for ensemble, contract in served.items():
+                    _load_ready(triton, ensemble, current, f"{ensemble} version {current}")
+                    triton.check_inference(ensemble, current, contract)
             _mark_live(client, name, model_version.version, current)
             return SyncResult(model_version.version, current, live != current, time.monotonic() - started)
         with tempfile.TemporaryDirectory(prefix="fashionserve-sync-") as tmp:
@@ -717,33 +727,55 @@ def sync_once(
             manifest, staged, version = _stage(
                 model_version, client, Path(tmp), repository, state, target, variant, plans
             )
-            composing = _prepare(staged, name, version)
+            contracts = _manifest_contracts(manifest)
+            ensembles = list(contracts)
+            composing = list(dict.fromkeys(m for e in ensembles for m in _prepare(staged, e, version)))
             changes = _Changes(repository, staged, version)
             try:
                 if live is None:
                     log(f"writing Triton version {version} ({target}, {variant}) and loading it")
-                    for model in [*composing, name]:
+                    for model in [*composing, *ensembles]:
                         changes.install(model)
-                    _load_ready(triton, name, version, f"{name} version {version}")
+                    for ensemble in ensembles:
+                        _load_ready(triton, ensemble, version, f"{ensemble} version {version}")
                 else:
                     log(f"writing Triton version {version} ({target}, {variant}) beside live version {live}")
-                    _swap(triton, changes, name, composing, version, live)
-                triton.check_inference(name, version, manifest)
+                    _swap(triton, changes, ensembles, composing, version, live)
+                for ensemble, contract in contracts.items():
+                    triton.check_inference(ensemble, version, contract)
             except BaseException:
                 changes.undo()
-                if live is None:  # nothing served before: nothing stays loaded
-                    triton.unload(name)
-                else:  # Triton drops what the repository no longer has and keeps the live version
-                    triton.load(name)
+                for ensemble in ensembles:
+                    if live is None:  # nothing served before: nothing stays loaded
+                        triton.unload(ensemble)
+                    else:  # Triton drops what the repository no longer has and keeps the live version
+                        triton.load(ensemble)
                 raise
-        contracts = {key: manifest[key] for key in ("input_contract", "output_contract")}
-        state = {**wanted, "triton_version": version, **contracts, "synced_at": datetime.now(UTC).isoformat()}
+        state = {
+            **wanted,
+            "triton_version": version,
+            **contracts[ensembles[0]],
+            "ensembles": contracts,
+            "synced_at": datetime.now(UTC).isoformat(),
+        }
         _write_atomic(repository / STATE_FILE, json.dumps({**_read_state(repository), name: state}).encode())
         _mark_live(client, name, model_version.version, version)
-        _prune(triton, repository, name, composing, version, live, log)
+        _prune(triton, repository, ensembles, composing, version, live, log)
     seconds = time.monotonic() - started
     log(f"live: {name} version {model_version.version} as Triton version {version} ({seconds:.1f} s)")
     return SyncResult(model_version.version, version, True, seconds)
+
+
+def _manifest_contracts(manifest: dict) -> dict[str, dict]:
+    """Ensemble -> its input and output contract, for every ensemble the bundle serves."""
+    top = {key: manifest[key] for key in ("input_contract", "output_contract")}
+    return {e: manifest.get("ensembles", {}).get(e, top) for e in pipeline_ensembles(manifest)}
+
+
+def _served_contracts(state: dict, name: str) -> dict[str, dict]:
+    """Ensemble -> contract of what a sync recorded as served for registered model `name` (a state
+    written before bundles could serve several ensembles has one, named like the model)."""
+    return state.get("ensembles") or {name: state}
 
 
 def _stage(
@@ -764,9 +796,14 @@ def _stage(
     bundle, configs, manifest = download_bundle(client, model_version, tmp / "download")
     if plans is not None and target == "gpu":
         manifest = attach_plans(bundle, manifest, plan_store_dir(plans, name, bundle_digest(bundle)))
+    ensembles = pipeline_ensembles(manifest)
     models = [
-        name,
-        *(s.model_name for s in read_config(configs / name / "config.pbtxt").ensemble_scheduling.step),
+        *ensembles,
+        *(
+            step.model_name
+            for ensemble in ensembles
+            for step in read_config(configs / ensemble / "config.pbtxt").ensemble_scheduling.step
+        ),
     ]
     used = [state.get("triton_version", 0), *(v for m in models for v in _numeric_dirs(repository / m))]
     version = max(used, default=0) + 1
@@ -787,9 +824,9 @@ def _load_ready(triton: _Triton, name: str, version: int, what: str) -> None:
 
 
 def _swap(
-    triton: _Triton, changes: _Changes, name: str, composing: list[str], version: int, live: int
+    triton: _Triton, changes: _Changes, ensembles: list[str], composing: list[str], version: int, live: int
 ) -> None:
-    for model in [name, *composing]:
+    for model in [*ensembles, *composing]:
         live_config = changes.repository / model / "config.pbtxt"
         new_config = changes.staged / model / "config.pbtxt"
         if live_config.exists() and _tensors(read_config(live_config)) != _tensors(read_config(new_config)):
@@ -799,36 +836,39 @@ def _swap(
             )
     for model in composing:
         changes.install(model)
-    # The ensemble's config still pins the live version: its load reloads the changed composing models
+    # The ensembles' configs still pin the live version: their loads reload the changed composing models
     # and cannot fail because of them.
-    error = triton.load(name)
+    errors = [error for error in map(triton.load, ensembles) if error]
     for model in composing:
         if not triton.ready(model, version):
-            reason = triton.versions(model).get(version, ("", ""))[1] or error or "not ready"
+            reason = triton.versions(model).get(version, ("", ""))[1] or next(iter(errors), "not ready")
             raise RegistryError(
                 f"Triton could not load {model} version {version}: {_one_line(reason)} "
                 f"(version {live} keeps serving)"
             )
-    changes.install(name)
-    _load_ready(triton, name, version, f"{name} version {version} (version {live} is being restored)")
+    for ensemble in ensembles:
+        changes.install(ensemble)
+    for ensemble in ensembles:
+        what = f"{ensemble} version {version} (version {live} is being restored)"
+        _load_ready(triton, ensemble, version, what)
 
 
 def _prune(
     triton: _Triton,
     repository: Path,
-    name: str,
+    ensembles: list[str],
     composing: list[str],
     version: int,
     live: int | None,
     log: Callable[[str], None],
 ) -> None:
-    """Remove version dirs Triton no longer serves: all but `version` for the ensemble, all but
+    """Remove version dirs Triton no longer serves: all but `version` for the ensembles, all but
     `version` and the previous live one for composing models. Waits for Triton to finish unloading."""
-    if not triton.wait_settled([name, *composing]):
+    if not triton.wait_settled([*ensembles, *composing]):
         log("Triton is still loading or unloading; old versions are pruned by the next sync")
         return
     keep = {version} if live is None else {version, live}
-    for model, kept in [(name, {version}), *((m, keep) for m in composing)]:
+    for model, kept in [*((e, {version}) for e in ensembles), *((m, keep) for m in composing)]:
         for old in _numeric_dirs(repository / model):
             if old not in kept:
                 shutil.rmtree(repository / model / str(old))

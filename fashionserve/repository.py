@@ -49,6 +49,11 @@ def ensemble_steps(pipeline: str, source: Path = TRACKED_REPOSITORY) -> list[mc.
     return list(read_config(source / pipeline / "config.pbtxt").ensemble_scheduling.step)
 
 
+def pipeline_ensembles(manifest: dict) -> list[str]:
+    """The ensembles a bundle serves: those its manifest lists, else the one named after its pipeline."""
+    return list(manifest.get("ensembles") or [manifest["pipeline"]])
+
+
 def _set_tensors(tensors, specs: list[dict], model: str, kind: str) -> None:
     by_name = {spec["name"]: spec for spec in specs}
     declared = {t.name for t in tensors}
@@ -115,18 +120,23 @@ def render_repository(
     variant: str = "fp32",
     force: bool = False,
 ) -> list[str]:
-    """Write the pipeline's ensemble and composing models into `dest` (which must not exist) with the
-    bundle's files in version `version`; returns the model names. Written to a temp dir, then renamed."""
+    """Write the pipeline's ensembles and composing models into `dest` (which must not exist) with the
+    bundle's files in version `version`; returns the model names (ensembles first). Written to a temp dir,
+    then renamed."""
     if target not in TARGETS:
         raise RenderError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     files = variant_files(manifest, variant, force)
     if dest.exists():
         raise RenderError(f"repository directory already exists: {dest}")
-    pipeline = manifest["pipeline"]
     tmp = dest.with_name(dest.name + ".partial")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        names = _render_into(bundle_dir, manifest, tmp, target, version, source, pipeline, variant, files)
+        ensembles = pipeline_ensembles(manifest)
+        composing = [
+            _render_ensemble(bundle_dir, manifest, tmp, target, version, source, ensemble, variant, files)
+            for ensemble in ensembles
+        ]
+        names = list(dict.fromkeys([*ensembles, *(name for names in composing for name in names)]))
         tmp.rename(dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -134,7 +144,7 @@ def render_repository(
     return names
 
 
-def _render_into(
+def _render_ensemble(
     bundle_dir: Path,
     manifest: dict,
     dest: Path,
@@ -145,6 +155,8 @@ def _render_into(
     variant: str,
     files: dict[str, str],
 ) -> list[str]:
+    """Write ensemble `pipeline` and those of its composing models not yet in `dest`; returns the
+    composing model names."""
     ensemble = read_config(source / pipeline / "config.pbtxt")
     max_batch = manifest["max_batch_size"]
     tensors: dict[str, dict] = {}  # ensemble tensor name -> spec
@@ -153,6 +165,11 @@ def _render_into(
         model = manifest["models"].get(name)
         if model is None:
             raise RenderError(f"bundle {bundle_dir} has no model '{name}' that ensemble '{pipeline}' needs")
+        specs = {s["name"]: s for s in model["inputs"] + model["outputs"]}
+        for key, value in [*step.input_map.items(), *step.output_map.items()]:
+            tensors[value] = specs[key]
+        if (dest / name).exists():  # an earlier step or ensemble of the bundle uses the same model
+            continue
         config = read_config(source / name / "config.pbtxt")
         _set_tensors(config.input, model["inputs"], name, "input")
         _set_tensors(config.output, model["outputs"], name, "output")
@@ -179,9 +196,6 @@ def _render_into(
         else:
             shutil.copyfile(onnx_file, version_dir / "model.onnx")
         write_config(config, dest / name / "config.pbtxt")
-        specs = {s["name"]: s for s in model["inputs"] + model["outputs"]}
-        for key, value in [*step.input_map.items(), *step.output_map.items()]:
-            tensors[value] = specs[key]
     _set_tensors(
         ensemble.input, [{**tensors[t.name], "name": t.name} for t in ensemble.input], pipeline, "input"
     )
@@ -191,4 +205,4 @@ def _render_into(
     ensemble.max_batch_size = min([ensemble.max_batch_size, max_batch])
     (dest / pipeline / str(version)).mkdir(parents=True)  # an ensemble needs a version dir too
     write_config(ensemble, dest / pipeline / "config.pbtxt")
-    return [pipeline, *(step.model_name for step in ensemble.ensemble_scheduling.step)]
+    return list(dict.fromkeys(step.model_name for step in ensemble.ensemble_scheduling.step))

@@ -15,6 +15,9 @@ What is sent follows the served model's inputs (read from its metadata):
   garment_classifier   product photos: drawn ones (256x192, one per class), or the cloth images of
                        the pairs of a VITON-HD folder (--dataroot)
   fashion_generator    latent vectors drawn from N(0, I) with seed 1, as client/generate.py draws them
+  hair_transfer        the drawn sample portraits at the model's size, each with the next one's hair
+  hair_edit            the drawn sample portraits with client/hair.py's sample direction, strengths
+                       spread over [-3, 3]
 
 Options (Locust's custom arguments, also shown in the web UI):
   --model NAME        ensemble to load (default tryon)
@@ -49,6 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust` does no
 
 from fashionserve.catalogue.synthetic import draw_product_photo  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError, cloth_files, load_tryon_inputs, read_pairs  # noqa: E402
 from fashionserve.tryon.samples import write_sample_set  # noqa: E402
 
@@ -132,11 +136,39 @@ def latent_samples(client: TritonModelClient, options: argparse.Namespace) -> li
     return [{"latents": vector} for vector in latents.astype(np.float32)]
 
 
+def _portraits(client: TritonModelClient, options: argparse.Namespace) -> list[np.ndarray]:
+    if options.dataroot:
+        raise ClientError(f"model '{client.model}' takes drawn portraits; --dataroot is not used with it")
+    size = next(spec.shape[0] for spec in client.inputs if spec.name == "portrait")
+    return list(sample_portraits(size).values())
+
+
+def hair_transfer_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
+    """The drawn sample portraits, each with the next one as the hairstyle reference."""
+    portraits = _portraits(client, options)
+    references = portraits[1:] + portraits[:1]
+    return [{"portrait": p, "reference": r} for p, r in zip(portraits, references, strict=True)]
+
+
+def hair_edit_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
+    """The drawn sample portraits along the sample direction, at strengths spread over [-3, 3]."""
+    n_latent, style_dim = next(spec.shape for spec in client.inputs if spec.name == "direction")
+    direction = np.repeat(sample_direction(style_dim)[None], n_latent, axis=0)
+    strengths = np.linspace(-3.0, 3.0, options.samples, dtype=np.float32)
+    portraits = itertools.cycle(_portraits(client, options))
+    return [
+        {"portrait": next(portraits), "direction": direction, "strength": strength[None]}
+        for strength in strengths
+    ]
+
+
 # the inputs a model takes -> where its samples come from
 SOURCES: dict[frozenset[str], Callable[[TritonModelClient, argparse.Namespace], list[Sample]]] = {
     frozenset(TRYON_INPUTS): tryon_samples,
     frozenset({"image"}): photo_samples,
     frozenset({"latents"}): latent_samples,
+    frozenset({"portrait", "reference"}): hair_transfer_samples,
+    frozenset({"portrait", "direction", "strength"}): hair_edit_samples,
 }
 
 

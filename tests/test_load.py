@@ -21,9 +21,12 @@ from fashionserve.catalogue.bundles import (
 )
 from fashionserve.catalogue.classifier import ClassifierConfig
 from fashionserve.catalogue.pggan import PGGANConfig
+from fashionserve.hair.bundle import export_bundle as export_hair_bundle
+from fashionserve.hair.bundle import load_networks
 from fashionserve.launcher import TritonServer
 from fashionserve.repository import render_repository
 from tests.conftest import PROJECT_ROOT
+from tests.test_hair_pipeline import CONFIG as HAIR_CONFIG
 
 LOCUSTFILE = PROJECT_ROOT / "tests" / "load.py"
 USERS = 2
@@ -64,16 +67,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 @pytest.fixture(scope="module")
 def catalogue_server(tmp_path_factory: pytest.TempPathFactory):
-    """Triton serving small random-init garment classifier and fashion generator pipelines."""
+    """Triton serving small random-init garment classifier, fashion generator and hair pipelines."""
     root = tmp_path_factory.mktemp("load-catalogue")
     classifier, provenance = load_garment_classifier(None, ClassifierConfig(width=8, hidden=32), seed=0)
     export_classifier_bundle(classifier, provenance, root / "garment_classifier", log=lambda _: None)
     config = PGGANConfig.for_resolution(16, max_channels=32, latent_dim=32)
     generator, provenance = load_fashion_generator(None, config, seed=0)
     export_generator_bundle(generator, provenance, root / "fashion_generator", log=lambda _: None)
+    hair, provenance = load_networks(HAIR_CONFIG, None, None, None, seed=0)
+    export_hair_bundle(hair, provenance, root / "hair", log=lambda _: None)
     repository = root / "repository"
     repository.mkdir()
-    for bundle in (root / "garment_classifier", root / "fashion_generator"):
+    for bundle in (root / "garment_classifier", root / "fashion_generator", root / "hair"):
         staging = root / "rendered" / bundle.name
         for name in render_repository(bundle, read_manifest(bundle), staging, target="cpu"):
             shutil.move(staging / name, repository / name)
@@ -111,12 +116,19 @@ def test_tryon_headless_run_has_no_failures(
 
 @pytest.mark.parametrize(
     ("model", "folder"),
-    [("garment_classifier", False), ("garment_classifier", True), ("fashion_generator", False)],
+    [
+        ("garment_classifier", False),
+        ("garment_classifier", True),
+        ("fashion_generator", False),
+        ("hair_transfer", False),
+        ("hair_edit", False),
+    ],
 )
 def test_catalogue_headless_run_has_no_failures(
     tmp_path: Path, catalogue_server, samples_dir: Path, model: str, folder: bool
 ) -> None:
-    """Drawn photos or a VITON-HD folder's cloth images for the classifier; latents for the generator."""
+    """Drawn photos or a VITON-HD folder's cloth images for the classifier; latents for the generator;
+    drawn portraits for the hair ensembles."""
     data = ("--dataroot", str(samples_dir)) if folder else ()
     result = run_locust(
         tmp_path, catalogue_server.http_url, "--model", model, "--batch", "2", *data, run_time="5s"

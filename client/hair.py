@@ -1,0 +1,191 @@
+"""Hairstyle try-on through Triton: write PNGs of portraits with another portrait's hairstyle
+(`hair_transfer`), or with their hair edited along a latent direction (`hair_edit`).
+
+Portraits are face-aligned square crops (FFHQ alignment: eyes level, a little above the centre, the chin
+near the bottom; what the encoder and generator were trained on) of the size the server takes (the
+`hair` bundle's resolution, 1024 by default). A crop of another size is refused unless --resize scales
+it; a non-square image is always refused. Everything is checked before anything is sent.
+
+Transfer: --portrait P [P ...] --reference R [R ...] (one reference for all portraits, or one each).
+Edit: --portrait P [P ...] --direction D.npy --strength S. D is an InterFaceGAN-style direction in W
+space: [512] or [1, 512] (applied to every W+ layer) or [18, 512] (one per layer), at the served
+model's style dimension and layer count.
+Without --portrait the drawn sample portraits are used (each with the next one's hair in transfer mode);
+without --direction in edit mode, a sample direction that is NOT semantic (a seeded unit vector).
+
+Examples:
+  python client/hair.py --out work/hair
+  python client/hair.py --portrait me.png --reference style.png --out work/hair
+  python client/hair.py --portrait me.png --direction bangs.npy --strength 1.5 --out work/hair
+  python client/hair.py --strength 2 --protocol http --url 127.0.0.1:8000 --out work/hair
+"""
+
+import argparse
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
+
+from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
+
+TRANSFER, EDIT = "hair_transfer", "hair_edit"
+INPUTS = {TRANSFER: ("portrait", "reference"), EDIT: ("portrait", "direction", "strength")}
+
+Item = tuple[str, dict[str, np.ndarray]]  # output name, one sample's inputs
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--portrait", type=Path, nargs="+", help="portrait image(s) (default: the samples)")
+    transfer = parser.add_argument_group("transfer (default mode)")
+    transfer.add_argument("--reference", type=Path, nargs="+", help="portrait(s) whose hairstyle to take")
+    edit = parser.add_argument_group("edit (chosen by --direction or --strength)")
+    edit.add_argument("--direction", type=Path, help="latent direction .npy (default: the sample direction)")
+    edit.add_argument("--strength", type=float, help="how far to move along the direction (default 1.0)")
+    parser.add_argument("--url", help="Triton address (default 127.0.0.1:8001 for grpc, :8000 for http)")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
+    parser.add_argument("--model", help=f"ensemble name (default {TRANSFER} or {EDIT}, by mode)")
+    parser.add_argument("--batch", type=int, default=1, help="portraits per request (default 1)")
+    parser.add_argument("--resize", action="store_true", help="scale square crops to the served size")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the result PNGs")
+    args = parser.parse_args()
+    args.mode = EDIT if args.direction is not None or args.strength is not None else TRANSFER
+    if args.mode == EDIT and args.reference:
+        parser.error("--reference (transfer) and --direction/--strength (edit) exclude each other")
+    if args.reference and args.portrait and len(args.reference) not in (1, len(args.portrait)):
+        parser.error(
+            f"give one --reference or one per portrait ({len(args.portrait)}), not {len(args.reference)}"
+        )
+    if args.reference and not args.portrait:
+        parser.error("--reference needs --portrait")
+    if args.batch < 1:
+        parser.error("--batch must be at least 1")
+    return args
+
+
+def read_portrait(path: Path, size: int, resize: bool) -> np.ndarray:
+    """RGB uint8 size x size x 3 from an image file; refuses non-square images, and other sizes unless
+    `resize`."""
+    if not path.is_file():
+        raise UserError(f"image not found: {path}")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise UserError(f"cannot read image {path}: {exc}") from None
+    width, height = image.size
+    if width != height:
+        raise UserError(f"{path} is {width}x{height}, not square: send a face-aligned square crop")
+    if width != size:
+        if not resize:
+            raise UserError(
+                f"{path} is {width}x{height}; the server takes {size}x{size} crops (--resize scales it)"
+            )
+        image = image.resize((size, size), Image.LANCZOS)
+    return np.asarray(image)
+
+
+def read_direction(path: Path | None, n_latent: int, style_dim: int) -> np.ndarray:
+    """n_latent x style_dim float32 direction from a .npy ([style_dim], [1, style_dim] repeated over the
+    layers, or [n_latent, style_dim]), or the sample direction."""
+    if path is None:
+        return np.repeat(sample_direction(style_dim)[None], n_latent, axis=0)
+    if not path.is_file():
+        raise UserError(f"direction not found: {path}")
+    try:
+        direction = np.load(path, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise UserError(f"cannot read direction {path} as .npy: {exc}") from None
+    if not np.issubdtype(direction.dtype, np.floating):
+        raise UserError(f"direction {path} holds {direction.dtype}, expected floats")
+    if direction.shape in ((style_dim,), (1, style_dim)):
+        direction = np.repeat(direction.reshape(1, style_dim), n_latent, axis=0)
+    elif direction.shape in ((n_latent, style_dim), (1, n_latent, style_dim)):
+        direction = direction.reshape(n_latent, style_dim)
+    else:
+        raise UserError(
+            f"direction {path} has shape {list(direction.shape)}; the served model takes "
+            f"[{style_dim}], [1, {style_dim}] or [{n_latent}, {style_dim}]"
+        )
+    if not np.isfinite(direction).all():
+        raise UserError(f"direction {path} holds NaN or infinite values")
+    return direction.astype(np.float32)
+
+
+def transfer_items(args: argparse.Namespace, size: int) -> list[Item]:
+    if args.portrait is None:
+        samples = list(sample_portraits(size).items())
+        references = samples[1:] + samples[:1]
+        return [
+            (f"{name}_hair_{ref_name}", {"portrait": image, "reference": ref})
+            for (name, image), (ref_name, ref) in zip(samples, references, strict=True)
+        ]
+    references = args.reference if len(args.reference) > 1 else args.reference * len(args.portrait)
+    return [
+        (
+            f"{portrait.stem}_hair_{reference.stem}",
+            {
+                "portrait": read_portrait(portrait, size, args.resize),
+                "reference": read_portrait(reference, size, args.resize),
+            },
+        )
+        for portrait, reference in zip(args.portrait, references, strict=True)
+    ]
+
+
+def edit_items(args: argparse.Namespace, size: int, n_latent: int, style_dim: int) -> list[Item]:
+    direction = read_direction(args.direction, n_latent, style_dim)
+    strength = 1.0 if args.strength is None else args.strength
+    if not np.isfinite(strength):
+        raise UserError(f"--strength must be a finite number, got {strength}")
+    label = f"edit_{args.direction.stem if args.direction else 'sample'}_{strength:g}"
+    portraits = (
+        list(sample_portraits(size).items())
+        if args.portrait is None
+        else [(p.stem, read_portrait(p, size, args.resize)) for p in args.portrait]
+    )
+    values = {"direction": direction, "strength": np.array([strength], np.float32)}
+    return [(f"{name}_{label}", {"portrait": image, **values}) for name, image in portraits]
+
+
+def main() -> None:
+    args = parse_args()
+    client = TritonModelClient(
+        args.url or DEFAULT_URLS[args.protocol], args.model or args.mode, args.protocol
+    )
+    shapes = {spec.name: spec.shape for spec in client.inputs}
+    expected = INPUTS[args.mode]
+    if set(shapes) != set(expected):
+        raise UserError(
+            f"model '{client.model}' takes {sorted(shapes)}, not the {args.mode} inputs {list(expected)}"
+        )
+    size = shapes["portrait"][0]
+    if args.mode == EDIT:
+        n_latent, style_dim = shapes["direction"]
+        items = edit_items(args, size, n_latent, style_dim)
+    else:
+        items = transfer_items(args, size)
+    args.out.mkdir(parents=True, exist_ok=True)
+    pending = iter(items)
+    while chunk := list(itertools.islice(pending, args.batch)):
+        batch = {name: np.stack([inputs[name] for _, inputs in chunk]) for name in chunk[0][1]}
+        images = client.infer(batch)["hair_image"]
+        for (name, _), image in zip(chunk, images, strict=True):
+            path = args.out / f"{name}.png"
+            tmp = path.with_suffix(".tmp.png")
+            Image.fromarray(image).save(tmp)
+            tmp.replace(path)  # never leave a half-written PNG behind
+            print(f"wrote {path}")
+    client.close()
+
+
+if __name__ == "__main__":
+    run(main, expected=(ClientError,))

@@ -1,0 +1,167 @@
+"""FP16 and INT8 Q/DQ variants of the hair networks (encoder, generator, parser), gated on the images users
+get: the final `hair_image` of both ensembles, variant against fp32, on drawn portraits.
+
+The variants are built by the shared machinery (`fashionserve.quantization`: onnxconverter float16, ONNX
+Runtime static int8 Q/DQ, layers kept in fp32 by measured sensitivity until the calibration images reach
+the thresholds), one network at a time with the others in fp32; the gate then runs the whole pipeline
+with all three variant networks. The manifest gets the usual `variants` record, so `--variant` rendering,
+the plan builder and the registry's quality gate treat them like the try-on ones; a failed variant is
+recorded and never served unless forced.
+"""
+
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import torch
+from torch import Tensor
+
+from fashionserve.bundle import read_manifest, record_stage_runs
+from fashionserve.checkpoints import sha256_file
+from fashionserve.hair.bundle import EDIT, PIPELINE, STAGES, TRANSFER, edit_inputs, transfer_inputs
+from fashionserve.hair.stages import HairConfig
+from fashionserve.onnx_export import run_onnx
+from fashionserve.quantization import (
+    DEFAULT_MAX_EXCLUDED_FRACTION,
+    VARIANTS,
+    QuantizationError,
+    Thresholds,
+    build_network_variant,
+    commit_variants,
+    default_thresholds,
+    image_quality,
+    open_session,
+)
+
+NETWORKS = ("hair_encoder", "hair_generator", "hair_parser")  # served as TensorRT plans on the gpu target
+CALIBRATION_SEED, EVALUATION_SEED = 1000, 2000
+
+Sample = tuple[str, tuple[Tensor, ...]]  # (ensemble, its client inputs at batch 1)
+
+
+@dataclass(frozen=True)
+class HairQuantizeOptions:
+    variants: tuple[str, ...] = VARIANTS
+    calibration_samples: int = 8
+    eval_samples: int = 8
+    thresholds: dict[str, Thresholds] = field(
+        default_factory=lambda: {variant: default_thresholds(variant) for variant in VARIANTS}
+    )
+    max_excluded_fraction: float = DEFAULT_MAX_EXCLUDED_FRACTION
+
+
+def config_from_manifest(manifest: dict) -> HairConfig:
+    """The HairConfig a bundle was exported with (its manifest's `config`)."""
+    names = {f.name for f in fields(HairConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"].items() if k in names}
+    return HairConfig(**values)
+
+
+class _OnnxStage:
+    """An ONNX Runtime session called like a stage module (torch tensors in, a tuple of them out)."""
+
+    def __init__(self, session: ort.InferenceSession):
+        self.session = session
+
+    def __call__(self, *args: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.from_numpy(output) for output in run_onnx(self.session, args))
+
+
+def _samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
+    """Drawn portraits, alternately through hair_transfer and hair_edit."""
+    return [
+        (TRANSFER, transfer_inputs(config, 1, seed + i))
+        if i % 2 == 0
+        else (EDIT, edit_inputs(config, 1, seed + i))
+        for i in range(count)
+    ]
+
+
+def _runs(stages: dict, samples: list[Sample]) -> list[dict]:
+    return [record_stage_runs(ensemble, STAGES, stages, inputs) for ensemble, inputs in samples]
+
+
+def _images(runs: list[dict]) -> list[np.ndarray]:
+    return [run["hair_composite"][1][0][0].numpy() for run in runs]
+
+
+def quantize_hair_bundle(
+    bundle_dir: Path, options: HairQuantizeOptions, log: Callable[[str], None] = print
+) -> dict:
+    """Build, gate and commit every requested variant of the three networks; returns the new manifest.
+    Failed variants are recorded, not raised."""
+    manifest = read_manifest(bundle_dir)
+    if manifest.get("pipeline") != PIPELINE:
+        raise QuantizationError(f"{bundle_dir} is a '{manifest.get('pipeline')}' bundle, not {PIPELINE}")
+    unknown = [v for v in options.variants if v not in VARIANTS]
+    if unknown:
+        raise QuantizationError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    config = config_from_manifest(manifest)
+    fp32 = {name: _OnnxStage(open_session(bundle_dir / m["file"])) for name, m in manifest["models"].items()}
+    calibration = _samples(config, options.calibration_samples, CALIBRATION_SEED)
+    evaluation = _samples(config, options.eval_samples, EVALUATION_SEED)
+    weights = " [random-init weights: the images are noise]" if manifest.get("random_init") else ""
+    log(f"fp32 images of {len(calibration)} calibration and {len(evaluation)} evaluation portraits{weights}")
+    calibration_runs = _runs(fp32, calibration)
+    calibration_images = _images(calibration_runs)
+    evaluation_images = _images(_runs(fp32, evaluation))
+    inputs = {stage.name: stage.inputs for stage in STAGES}
+
+    work_dir = bundle_dir / ".quantize.partial"  # same file system as the bundle: files move by rename
+    shutil.rmtree(work_dir, ignore_errors=True)
+    work_dir.mkdir()
+    try:
+        records, files = {}, {}
+        for variant in options.variants:
+            thresholds = options.thresholds[variant]
+            built = {}
+            for network in NETWORKS:
+                log(f"[{variant}] {network}")
+                feeds = [
+                    {name: arg.numpy() for name, arg in zip(inputs[network], run[network][0], strict=True)}
+                    for run in calibration_runs
+                ]
+
+                def quality_of(session: ort.InferenceSession, network: str = network) -> dict:
+                    stages = {**fp32, network: _OnnxStage(session)}
+                    return image_quality(calibration_images, _images(_runs(stages, calibration)))
+
+                built[network] = build_network_variant(
+                    network,
+                    variant,
+                    bundle_dir / manifest["models"][network]["file"],
+                    feeds,
+                    quality_of,
+                    thresholds,
+                    options.max_excluded_fraction,
+                    work_dir,
+                    log,
+                )
+            stages = {**fp32, **{n: _OnnxStage(open_session(b.path)) for n, b in built.items()}}
+            quality = image_quality(evaluation_images, _images(_runs(stages, evaluation)))
+            failures = thresholds.failures(quality)
+            log(f"[{variant}] gate {'FAIL: ' + '; '.join(failures) if failures else 'PASS'}")
+            records[variant] = {
+                "passed": not failures,
+                "reason": "; ".join(failures),
+                "thresholds": asdict(thresholds),
+                "quality": quality,
+                "calibration": {"source": "drawn portraits", "samples": len(calibration), "method": "minmax"},
+                "evaluation": {
+                    "source": "drawn portraits",
+                    "samples": len(evaluation),
+                    "seed": EVALUATION_SEED,
+                },
+                "weights": manifest.get("weights"),
+                "onnxruntime_version": ort.__version__,
+                "created": datetime.now(UTC).isoformat(timespec="seconds"),
+                "networks": {n: {**b.record, "sha256": sha256_file(b.path)} for n, b in built.items()},
+            }
+            files.update({b.record["file"]: b.path for b in built.values()})
+        return commit_variants(bundle_dir, files, records)
+    finally:
+        shutil.rmtree(work_dir, ignore_errors=True)
