@@ -1,24 +1,32 @@
-"""Side-by-side CPU benchmark of the try-on pipeline on this machine, in one run:
+"""Side-by-side CPU benchmark of the try-on pipeline (`tryon`) or of the hair transfer pipeline
+(`hair_transfer`, --pipeline hair) on this machine, in one run:
 
-  pytorch-eager   the reference implementation (fashionserve TryonPipeline), torch.inference_mode
+  pytorch-eager   the reference implementation (fashionserve TryonPipeline, or HairPipeline.transfer:
+                  the hair stage modules chained like the ensemble), torch.inference_mode
   onnxruntime     the bundle's bare stage ONNX files chained in Python, wired like the ensemble,
                   default session options (as the server's python-backend runner uses them)
   onnxruntime-nospin  the same with intra-op thread spinning off (session.intra_op.allow_spinning=0):
                   a spinning pool of the last stage competes with the next stage's threads
-  triton-<proto>  the `tryon` ensemble on the embedded Triton (cpu target: python-backend leaves
+  onnxruntime-concurrent  (hair) the same chain, each step started as soon as its inputs are there, as
+                  Triton's ensemble scheduler does (hair_transfer's two encoder passes run at once, the
+                  portrait's parser alongside the encoders and the generator)
+  triton-<proto>  the ensemble on the embedded Triton (cpu target: python-backend leaves
                   running the same ONNX files with ONNX Runtime), called through tritonclient
 
 Each backend runs in its own process (so its peak memory is its own); the timed calls are spread over
 rounds that alternate the backends, so background load on the machine hits all of them alike
 (--sequential: one backend process at a time, for memory at 1024x768). Every
-call sends the drawn sample pairs (real inputs) at the pipeline's resolution; outputs are checked
-against PyTorch. Writes <name>.md, <name>.png and <name>.json into --out.
+call sends the drawn samples (real inputs: try-on pairs, or portraits each with the next one's
+hairstyle) at the pipeline's resolution; outputs are checked against PyTorch. Writes <name>.md,
+<name>.png and <name>.json into --out.
 
 Examples:
   python bench/pipeline.py                                   # small test configuration (256x192, narrow)
   python bench/pipeline.py --size public --batches 1,2 --iterations 4 --warmup 1 --sequential
   python bench/pipeline.py --bundle work/bundles/tryon --iterations 3 --rounds 3
   python bench/pipeline.py --threads 1     # one intra-op thread in every runtime: steadier on a busy machine
+  python bench/pipeline.py --pipeline hair --threads 1     # hair_transfer at the test size (64x64, narrow)
+  python bench/pipeline.py --pipeline hair --size medium --batches 1 --iterations 3 --rounds 3 --warmup 1
 """
 
 import argparse
@@ -33,21 +41,31 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Callable
-from dataclasses import fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.bench import Result, descendants, machine, peak_rss_mb, sample_batches, write_report  # noqa: E402
+from fashionserve.bench import (  # noqa: E402
+    Result,
+    descendants,
+    hair_sample_batches,
+    machine,
+    peak_rss_mb,
+    sample_batches,
+    write_report,
+)
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.client import PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.hair.stages import HairConfig  # noqa: E402
 from fashionserve.launcher import ServerError, TritonServer  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 from fashionserve.repository import (  # noqa: E402
     RenderError,
     ensemble_steps,
+    pipeline_ensembles,
     read_config,
     render_repository,
     write_config,
@@ -57,16 +75,54 @@ from fashionserve.tryon.stages import TryonConfig  # noqa: E402
 REFERENCE = "pytorch-eager"
 ORT = "onnxruntime"
 ORT_NOSPIN = "onnxruntime-nospin"
-SIZES = {
-    # the configuration of the test suite (tests/conftest.py TEST_CONFIG): minutes on 2 cores
-    "small": TryonConfig(
-        height=256, width=192, condition_height=128, condition_width=96,
-        condition_ngf=8, image_ngf=8, spade_hidden=16,
-    ),
-    "medium": TryonConfig(height=512, width=384),  # public widths, half the resolution: a quarter of the work
-    "public": TryonConfig(),  # HR-VITON's 1024x768: a call takes seconds to tens of seconds on a CPU
-}  # fmt: skip
+ORT_CONCURRENT = "onnxruntime-concurrent"
+Config = TryonConfig | HairConfig
 Batch = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Benchmarked:
+    """A pipeline this script benchmarks: the tracked ensemble it times and its size presets."""
+
+    ensemble: str
+    config_class: type[TryonConfig] | type[HairConfig]
+    sizes: dict[str, Config]
+    title: str
+
+
+PIPELINES = {  # by the bundle manifest's "pipeline"
+    "tryon": Benchmarked(
+        "tryon",
+        TryonConfig,
+        {
+            # the configuration of the test suite (tests/conftest.py TEST_CONFIG): minutes on 2 cores
+            "small": TryonConfig(
+                height=256, width=192, condition_height=128, condition_width=96,
+                condition_ngf=8, image_ngf=8, spade_hidden=16,
+            ),
+            "medium": TryonConfig(height=512, width=384),  # public widths, half the resolution
+            "public": TryonConfig(),  # HR-VITON's 1024x768: seconds to tens of seconds a call on a CPU
+        },
+        "Try-on pipeline",
+    ),
+    "hair": Benchmarked(
+        "hair_transfer",
+        HairConfig,
+        {
+            # the configuration of tests/test_hair_pipeline.py: seconds on 2 cores
+            "small": HairConfig(
+                image_size=64, generator_size=32, style_dim=128, n_mlp=2, channel_max=32,
+                encoder_input_size=64, encoder_base_width=16, encoder_stage_units=(1, 2, 2, 1),
+                parser_size=64,
+            ),
+            # public widths (StyleGAN2 at 256, e4e IR-SE-50 at 256, BiSeNet at 512), 256x256 portraits:
+            # about 10 s a call on 2 cores
+            "medium": HairConfig(image_size=256, generator_size=256),
+            "public": HairConfig(),  # FFHQ 1024: not measured on 2 cores
+        },
+        "Hair transfer pipeline",
+    ),
+}  # fmt: skip
 
 
 class BenchError(Exception):
@@ -78,10 +134,16 @@ def parse_args() -> argparse.Namespace:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
+        "--pipeline",
+        choices=PIPELINES,
+        default="tryon",
+        help="tryon (the tryon ensemble) or hair (the hair_transfer ensemble); default tryon",
+    )
+    parser.add_argument(
         "--size",
-        choices=SIZES,
+        choices=("small", "medium", "public"),
         default="small",
-        help="pipeline to export (random-init): small, medium or public",
+        help="pipeline to export (random-init): small (the tests' configuration), medium or public",
     )
     parser.add_argument("--bundle", type=Path, help="use this exported bundle instead of exporting one")
     parser.add_argument("--seed", type=int, default=0, help="random-init seed of the export (default 0)")
@@ -108,7 +170,10 @@ def parse_args() -> argparse.Namespace:
         help="one backend process at a time instead of alternating rounds (bounds memory at 1024x768)",
     )
     parser.add_argument("--out", type=Path, default=Path("docs/benchmarks"), help="report folder")
-    parser.add_argument("--name", help="report file name stem (default tryon-cpu-<H>x<W>[-narrow])")
+    parser.add_argument(
+        "--name",
+        help="report file name stem (default <tryon|hair>-cpu-<H>x<W>[-narrow][-threads<N>])",
+    )
     args = parser.parse_args()
     try:
         args.batches = sorted({int(b) for b in args.batches.split(",")})
@@ -124,9 +189,29 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def _config(manifest: dict) -> TryonConfig:
-    names = {f.name for f in fields(TryonConfig)}
-    return TryonConfig(**{k: v for k, v in manifest["config"].items() if k in names})
+def _config(manifest: dict) -> Config:
+    config_class = PIPELINES[manifest["pipeline"]].config_class
+    names = {f.name for f in fields(config_class)}
+    # JSON turned the hair config's tuples (hair layers, encoder stage units) into lists
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"].items()}
+    return config_class(**{k: v for k, v in values.items() if k in names})
+
+
+def _contract(manifest: dict, ensemble: str) -> dict:
+    """Input and output contract of `ensemble`; a bundle serving several lists each under `ensembles`."""
+    return manifest.get("ensembles", {}).get(ensemble, manifest)
+
+
+def _label(config: Config) -> str:
+    """Resolution, and -narrow where the networks are narrower than the public ones."""
+    if isinstance(config, HairConfig):
+        widths = ("style_dim", "n_mlp", "channel_multiplier", "channel_max", "encoder_num_layers")
+        widths += ("encoder_base_width", "encoder_stage_units")
+        public = HairConfig()
+        narrow = any(getattr(config, name) != getattr(public, name) for name in widths)
+        return f"{config.image_size}x{config.image_size}" + ("-narrow" if narrow else "")
+    narrow = (config.condition_ngf, config.image_ngf) != (96, 64)
+    return f"{config.height}x{config.width}" + ("-narrow" if narrow else "")
 
 
 # Each worker imports only its own runtime (inside these functions), so that its peak memory is what
@@ -134,20 +219,28 @@ def _config(manifest: dict) -> TryonConfig:
 def _pytorch_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
     import torch
 
-    from fashionserve.tryon.bundle import load_networks
-
     manifest = spec["manifest"]
-    checkpoints = [manifest.get(k) for k in ("condition_checkpoint", "image_checkpoint")]
-    pipeline, _ = load_networks(
-        _config(manifest), *(Path(c) if c else None for c in checkpoints), seed=manifest["seed"]
-    )
-    names = [tensor["name"] for tensor in manifest["input_contract"]]  # the forward's argument order
+    if manifest["pipeline"] == "hair":
+        from fashionserve.hair.bundle import load_networks as load_hair
+
+        keys = ("e4e_checkpoint", "parser_checkpoint", "generator_checkpoint")
+        checkpoints = [Path(manifest[k]) if manifest.get(k) else None for k in keys]
+        hair, _ = load_hair(_config(manifest), *checkpoints, seed=manifest["seed"])
+        forward = hair.transfer  # the stages chained like hair_transfer (tests/test_hair_pipeline.py)
+    else:
+        from fashionserve.tryon.bundle import load_networks
+
+        keys = ("condition_checkpoint", "image_checkpoint")
+        checkpoints = [Path(manifest[k]) if manifest.get(k) else None for k in keys]
+        forward, _ = load_networks(_config(manifest), *checkpoints, seed=manifest["seed"])
+    # the forward's argument order is the ensemble's input order
+    names = [tensor["name"] for tensor in _contract(manifest, spec["ensemble"])["input_contract"]]
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
 
     def call(batch: Batch) -> np.ndarray:
         with torch.inference_mode():
-            return pipeline(*(torch.from_numpy(batch[name]) for name in names)).numpy()
+            return forward(*(torch.from_numpy(batch[name]) for name in names)).numpy()
 
     return call, {"torch": torch.__version__, "intra-op threads": torch.get_num_threads()}
 
@@ -166,25 +259,47 @@ def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict
         )
         for name, model in manifest["models"].items()
     }
-    steps = ensemble_steps(manifest["pipeline"])
-    output = manifest["output_contract"][0]["name"]
+    steps = ensemble_steps(spec["ensemble"])  # hair_transfer runs preprocess, encoder and parser twice each
+    output = _contract(manifest, spec["ensemble"])["output_contract"][0]["name"]
+    # session.run releases the GIL, so threads run steps at once (none starts before the first submit)
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(steps))
+
+    def run_step(step, feeds: Batch) -> Batch:
+        session = sessions[step.model_name]
+        results = session.run(None, feeds)
+        return {
+            step.output_map[o.name]: r
+            for o, r in zip(session.get_outputs(), results, strict=True)
+            if o.name in step.output_map  # a step may leave an output unused
+        }
+
+    def feeds(step, values: Batch) -> Batch:
+        return {i.name: values[step.input_map[i.name]] for i in sessions[step.model_name].get_inputs()}
 
     def call(batch: Batch) -> np.ndarray:
         values = dict(batch)  # ensemble tensor name -> value
-        for step in steps:
-            session = sessions[step.model_name]
-            feeds = {i.name: values[step.input_map[i.name]] for i in session.get_inputs()}
-            results = session.run(None, feeds)
-            values.update(
-                {step.output_map[o.name]: r for o, r in zip(session.get_outputs(), results, strict=True)}
-            )
+        if not spec["concurrent"]:
+            for step in steps:
+                values.update(run_step(step, feeds(step, values)))
+            return values[output]
+        waiting, running = list(steps), {}
+        while waiting or running:
+            for step in [s for s in waiting if all(t in values for t in s.input_map.values())]:
+                waiting.remove(step)
+                running[pool.submit(run_step, step, feeds(step, values))] = step
+            if not running:
+                raise BenchError(f"{spec['ensemble']}: steps wait on tensors that no step makes")
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                del running[future]
+                values.update(future.result())
         return values[output]
 
     return call, {"onnxruntime": ort.__version__}
 
 
 def _triton_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
-    client = TritonModelClient(spec["url"], spec["manifest"]["pipeline"], spec["protocol"])
+    client = TritonModelClient(spec["url"], spec["ensemble"], spec["protocol"])
     output = client.outputs[0]
     return (lambda batch: client.infer(batch)[output]), {}
 
@@ -196,7 +311,10 @@ def _serve(kind: str, spec: dict, conn: multiprocessing.connection.Connection) -
     """Worker process: set the backend up, then answer (batch, calls) with (latencies, last output, peak)."""
     try:
         call, notes = RUNNERS[kind](spec)
-        inputs = sample_batches(spec["height"], spec["width"], spec["batches"])
+        if spec["manifest"]["pipeline"] == "hair":
+            inputs = hair_sample_batches(spec["height"], spec["batches"])
+        else:
+            inputs = sample_batches(spec["height"], spec["width"], spec["batches"])
         conn.send(("ready", notes))
         while (request := conn.recv()) is not None:
             batch, calls = request
@@ -252,24 +370,31 @@ class Worker:
         self._process.join(timeout=30)
 
 
-def _export_bundle(size: str, seed: int, bundle: Path) -> dict:
+def _export_bundle(pipeline: str, size: str, seed: int, bundle: Path) -> dict:
+    config = PIPELINES[pipeline].sizes[size]
+
+    def log(line: str) -> None:
+        print(f"  {line}", flush=True)
+
+    if pipeline == "hair":
+        from fashionserve.hair.bundle import export_bundle as export_hair
+        from fashionserve.hair.bundle import load_networks as load_hair
+
+        hair, provenance = load_hair(config, None, None, None, seed=seed)
+        return export_hair(hair, provenance, bundle, log=log)
     from fashionserve.tryon.bundle import export_bundle, load_networks
 
-    pipeline, provenance = load_networks(SIZES[size], None, None, seed=seed)
-    return export_bundle(
-        pipeline, SIZES[size], provenance, bundle, log=lambda line: print(f"  {line}", flush=True)
-    )
+    tryon, provenance = load_networks(config, None, None, seed=seed)
+    return export_bundle(tryon, config, provenance, bundle, log=log)
 
 
 def _export(args: argparse.Namespace, tmp: Path) -> tuple[Path, dict]:
-    config = SIZES[args.size]
-    print(
-        f"exporting the {args.size} pipeline ({config.height}x{config.width}, random-init seed {args.seed})"
-    )
+    label = _label(PIPELINES[args.pipeline].sizes[args.size])
+    print(f"exporting the {args.size} {args.pipeline} pipeline ({label}, random-init seed {args.seed})")
     # in a child process: the export's gigabytes at 1024x768 are returned to the system when it ends
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(max_workers=1, mp_context=context) as pool:
-        manifest = pool.submit(_export_bundle, args.size, args.seed, tmp / "bundle").result()
+        manifest = pool.submit(_export_bundle, args.pipeline, args.size, args.seed, tmp / "bundle").result()
     return tmp / "bundle", manifest
 
 
@@ -277,14 +402,17 @@ def _rounds(iterations: int, rounds: int) -> list[int]:
     return [iterations // rounds + (i < iterations % rounds) for i in range(rounds)]
 
 
+Measured = dict[tuple[str, int], tuple[list[float], int, float]]
+
+
 def measure(
     backends: dict[str, tuple[str, dict]], args: argparse.Namespace
-) -> tuple[dict[tuple[str, int], tuple[list[float], int]], dict[str, float], dict]:
-    """Run every backend (the reference first): (backend, batch) -> (latencies, max |output - reference|),
-    peak memory per backend, and what the workers report about their runtimes."""
+) -> tuple[Measured, dict[str, float], dict]:
+    """Run every backend (the reference first): (backend, batch) -> (latencies, max and mean
+    |output - reference|), peak memory per backend, and what the workers report about their runtimes."""
     groups = [[name] for name in backends] if args.sequential else [list(backends)]
     references: dict[int, np.ndarray] = {}
-    measured: dict[tuple[str, int], tuple[list[float], int]] = {}
+    measured: Measured = {}
     peaks: dict[str, float] = {}
     notes: dict = {}
     for group in groups:
@@ -305,20 +433,21 @@ def measure(
 
 def _measure_together(
     workers: list[Worker], args: argparse.Namespace, references: dict[int, np.ndarray]
-) -> dict[tuple[str, int], tuple[list[float], int]]:
-    diffs: dict[tuple[str, int], int] = {}
+) -> Measured:
+    diffs: dict[tuple[str, int], tuple[int, float]] = {}
     for batch in args.batches:
         for worker in workers:
             _, output = worker.run(batch, args.warmup)
             reference = references.setdefault(batch, output.astype(np.int16))  # the first backend's
-            diffs[worker.name, batch] = int(np.abs(output - reference).max())
+            difference = np.abs(output - reference)
+            diffs[worker.name, batch] = int(difference.max()), float(difference.mean())
     latencies: dict[tuple[str, int], list[float]] = {key: [] for key in diffs}
     for index, calls in enumerate(_rounds(args.iterations, args.rounds), start=1):
         for batch in args.batches:
             for worker in workers:
                 print(f"round {index}/{args.rounds}: {worker.name} batch {batch} x{calls}", flush=True)
                 latencies[worker.name, batch] += worker.run(batch, calls)[0]
-    return {key: (latencies[key], diffs[key]) for key in diffs}
+    return {key: (latencies[key], *diffs[key]) for key in diffs}
 
 
 def findings(results: list[Result], triton: str, batches: list[int]) -> list[str]:
@@ -331,8 +460,9 @@ def findings(results: list[Result], triton: str, batches: list[int]) -> list[str
     def speedup(backend: str, batch: int) -> float:
         return by_key[backend, batch].throughput / by_key[REFERENCE, batch].throughput
 
+    bares = [name for name in (ORT, ORT_NOSPIN, ORT_CONCURRENT) if (name, batches[0]) in by_key]
     lines = []
-    for bare in (ORT, ORT_NOSPIN):
+    for bare in bares:
         values = {b: overhead(bare, b) for b in batches}
         met = batches[0] == 1 and values[1] < 0.10
         listing = "; ".join(f"batch {b}: {value:+.1%}" for b, value in values.items())
@@ -340,7 +470,7 @@ def findings(results: list[Result], triton: str, batches: list[int]) -> list[str
             f"Ensemble overhead over the bare networks ({triton} p50 vs {bare} p50): {listing}. "
             f"Goal < 10% at batch 1: {'met' if met else 'not met'}."
         )
-    for backend in (ORT, ORT_NOSPIN):
+    for backend in bares:
         values = {b: speedup(backend, b) for b in batches}
         met = all(value >= 1.5 for value in values.values())
         listing = "; ".join(f"batch {b}: {value:.2f}x" for b, value in values.items())
@@ -356,11 +486,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="fashionserve-bench-") as tmp_dir:
         tmp = Path(tmp_dir)
         if args.bundle is not None:
-            from fashionserve.tryon.bundle import read_manifest
+            from fashionserve.bundle import read_manifest
 
             bundle, manifest = args.bundle.resolve(), read_manifest(args.bundle)
+            if manifest["pipeline"] != args.pipeline:
+                raise UserError(
+                    f"{args.bundle} is a {manifest['pipeline']} bundle, not {args.pipeline} "
+                    f"(choose it with --pipeline)"
+                )
         else:
             bundle, manifest = _export(args, tmp)
+        benchmarked = PIPELINES[args.pipeline]
         config = _config(manifest)
         if args.batches[-1] > manifest["max_batch_size"]:
             raise UserError(
@@ -368,7 +504,7 @@ def main() -> None:
             )
         models = render_repository(bundle, manifest, tmp / "repository", target="cpu")
         if args.threads:
-            for model in models[1:]:  # the leaves; the first is the ensemble
+            for model in set(models) - set(pipeline_ensembles(manifest)):  # the leaves
                 path = tmp / "repository" / model / "config.pbtxt"
                 leaf = read_config(path)
                 leaf.parameters["intra_op_threads"].string_value = str(args.threads)  # fashionserve.runner
@@ -381,36 +517,40 @@ def main() -> None:
                 "bundle": str(bundle),
                 "url": url,
                 "protocol": args.protocol,
-                "height": config.height,
-                "width": config.width,
+                "ensemble": benchmarked.ensemble,
+                "height": manifest["config"]["height"],
+                "width": manifest["config"]["width"],
                 "batches": args.batches,
                 "threads": args.threads,
             }
             triton = f"triton-{args.protocol}"
             backends = {
                 REFERENCE: ("pytorch", spec),
-                ORT: ("onnxruntime", {**spec, "allow_spinning": True}),
-                ORT_NOSPIN: ("onnxruntime", {**spec, "allow_spinning": False}),
-                triton: ("triton", spec),
+                ORT: ("onnxruntime", {**spec, "allow_spinning": True, "concurrent": False}),
+                ORT_NOSPIN: ("onnxruntime", {**spec, "allow_spinning": False, "concurrent": False}),
             }
+            if args.pipeline == "hair":  # independent steps, which the ensemble runs at once
+                concurrent_spec = {**spec, "allow_spinning": True, "concurrent": True}
+                backends[ORT_CONCURRENT] = ("onnxruntime", concurrent_spec)
+            backends[triton] = ("triton", spec)
             measured, peaks, notes = measure(backends, args)
             with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=10) as response:
                 server_version = json.load(response)["version"]
             server_peak = sum(peak_rss_mb(pid) for pid in [server.pid, *descendants(server.pid)])
     peaks[triton] = server_peak  # the server and its python-backend stubs; the client is not counted
     results = [
-        Result(name, batch, latencies, peaks[name], diff)
-        for (name, batch), (latencies, diff) in measured.items()
+        Result(name, batch, latencies, peaks[name], max_diff, mean_diff=mean_diff)
+        for (name, batch), (latencies, max_diff, mean_diff) in measured.items()
     ]
-    resolution = f"{config.height}x{config.width}"
-    narrow = "" if (config.condition_ngf, config.image_ngf) == (96, 64) else "-narrow"
+    label = _label(config)
     threads = f"-threads{args.threads}" if args.threads else ""
-    stem = args.name or f"tryon-cpu-{resolution}{narrow}{threads}"
+    stem = args.name or f"{args.pipeline}-cpu-{label}{threads}"
     settings = {
         "date": datetime.date.today().isoformat(),
         "command": "python bench/pipeline.py " + " ".join(sys.argv[1:]),
         **load_before,
         "load_average_1m_at_end": round(os.getloadavg()[0], 2),
+        "ensemble": benchmarked.ensemble,
         "pipeline": ", ".join(f"{key} {value}" for key, value in config.to_dict().items()),
         "weights": manifest["weights"]
         + (" (timing does not depend on weights)" if manifest["random_init"] else ""),
@@ -427,8 +567,14 @@ def main() -> None:
         "peak memory": "VmHWM of the worker process; for Triton the server plus its python-backend stubs",
         "numpy": np.__version__,
     }
-    title = f"Try-on pipeline {resolution}{narrow}, CPU ({load_before['cpu']}, {load_before['cores']} cores)"
+    title = f"{benchmarked.title} {label}, CPU ({load_before['cpu']}, {load_before['cores']} cores)"
     lines = findings(results, triton, args.batches)
+    if args.pipeline == "hair":
+        lines.append(
+            "Max abs diff: where the face parser's two best classes nearly tie, ONNX Runtime and PyTorch "
+            "may pick different labels, which moves the composite mask by a pixel band; the mean abs diff "
+            "says whether the images agree."
+        )
     if args.iterations < 100:
         lines.append(
             f"p95/p99 of {args.iterations} calls lie between the slowest calls (linear interpolation)."

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from fashionserve.hair.samples import draw_portrait
 from fashionserve.tryon.dataset import load_tryon_inputs
 from fashionserve.tryon.samples import write_sample_set
 
@@ -30,6 +31,18 @@ def sample_batches(height: int, width: int, batches: list[int]) -> dict[int, dic
     }
 
 
+def hair_sample_batches(size: int, batches: list[int]) -> dict[int, dict[str, np.ndarray]]:
+    """`hair_transfer` client inputs at size x size: the drawn sample portraits (cycled), each paired with
+    the next sample as the reference hairstyle, one request per batch size."""
+    return {
+        batch: {
+            "portrait": np.stack([draw_portrait(i, size) for i in range(batch)]),
+            "reference": np.stack([draw_portrait(i + 1, size) for i in range(batch)]),
+        }
+        for batch in batches
+    }
+
+
 @dataclass
 class Result:
     """One backend at one batch size: per-call wall-clock latencies and memory."""
@@ -40,6 +53,9 @@ class Result:
     peak_memory_mb: float  # peak RSS of the process (tree) running it, or peak GPU memory for CUDA runs
     max_diff: int | None = None  # largest |difference| of the output image from the reference, uint8 levels
     notes: dict = field(default_factory=dict)
+    # mean |difference| from the reference, uint8 levels: where a few pixels may differ by a lot (a parser
+    # label flipping at a near tie), the max alone does not say whether the images agree
+    mean_diff: float | None = None
 
     @property
     def throughput(self) -> float:
@@ -114,18 +130,20 @@ def markdown_table(results: list[Result], reference: str) -> str:
     """One row per (backend, batch): throughput (and its ratio to `reference` at the same batch),
     latency percentiles, peak memory and the output's largest difference from the reference."""
     base = {r.batch: r.throughput for r in results if r.backend == reference}
+    with_mean = any(r.mean_diff is not None for r in results)  # a column only where it was measured
     header = (
         "| backend | batch | calls | images/s | vs " + reference + " | p50 ms | p95 ms | p99 ms "
-        "| peak memory MiB | max abs diff vs " + reference + " |"
+        "| peak memory MiB | max abs diff vs " + reference + " |" + (" mean abs diff |" if with_mean else "")
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if with_mean else "")]
     for r in sorted(results, key=lambda r: r.batch):
         ratio = f"{r.throughput / base[r.batch]:.2f}x" if r.batch in base else "-"
         diff = "-" if r.max_diff is None else str(r.max_diff)
         p50, p95, p99 = (_fmt(r.percentile_ms(q)) for q in PERCENTILES)
+        mean = "" if not with_mean else " - |" if r.mean_diff is None else f" {r.mean_diff:.3f} |"
         lines.append(
             f"| {r.backend} | {r.batch} | {len(r.latencies_s)} | {_fmt(r.throughput)} | {ratio} "
-            f"| {p50} | {p95} | {p99} | {r.peak_memory_mb:.0f} | {diff} |"
+            f"| {p50} | {p95} | {p99} | {r.peak_memory_mb:.0f} | {diff} |{mean}"
         )
     return "\n".join(lines)
 

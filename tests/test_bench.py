@@ -1,4 +1,4 @@
-"""bench/pipeline.py as a user runs it, on the test bundle with one timed call per backend and batch."""
+"""bench/pipeline.py as a user runs it, on the test bundles with one timed call per backend and batch."""
 
 import json
 from pathlib import Path
@@ -6,6 +6,7 @@ from pathlib import Path
 from tests.conftest import run_cli
 
 BACKENDS = ("pytorch-eager", "onnxruntime", "onnxruntime-nospin", "triton-grpc")
+HAIR_BACKENDS = (*BACKENDS, "onnxruntime-concurrent")  # hair_transfer has steps that can run at once
 
 
 def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_bundle) -> None:
@@ -29,6 +30,45 @@ def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_
     assert all(f"| {backend} | 1 |" in report for backend in BACKENDS)
     assert "Ensemble overhead over the bare networks" in report and "Goal >= 1.5x" in report
     assert (out / "smoke.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_hair_benchmark_exports_and_compares_every_backend_with_pytorch(tmp_path: Path) -> None:
+    """--pipeline hair exports the tests' hair configuration (random-init) and times hair_transfer: the
+    bare ONNX Runtime chain and the ensemble must compute PyTorch's images from the drawn portraits."""
+    out = tmp_path / "report"
+    args = ("--pipeline", "hair", "--batches", "1,2", "--iterations", "1", "--rounds", "1", "--warmup", "1")
+    result = run_cli("bench/pipeline.py", *args, "--threads", "1", "--out", str(out), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "exporting the small hair pipeline (64x64-narrow, random-init seed 0)" in result.stdout
+
+    stem = "hair-cpu-64x64-narrow-threads1"  # the default name
+    numbers = json.loads((out / f"{stem}.json").read_text())
+    rows = {(r["backend"], r["batch"]): r for r in numbers["results"]}
+    assert set(rows) == {(backend, batch) for backend in HAIR_BACKENDS for batch in (1, 2)}
+    for row in rows.values():
+        assert row["iterations"] == 1 and row["throughput_images_per_s"] > 0 and row["peak_memory_mb"] > 0
+        # a parser label may flip at a near tie (a band of pixels differs); the images must agree
+        assert row["mean_diff"] < 0.5, row
+    assert numbers["settings"]["ensemble"] == "hair_transfer"
+    assert numbers["settings"]["weights"].startswith("random-init")
+    assert "image_size 64, generator_size 32" in numbers["settings"]["pipeline"]
+
+    report = (out / f"{stem}.md").read_text()
+    assert report.startswith("# Hair transfer pipeline 64x64-narrow, CPU")
+    assert all(f"| {backend} | 2 |" in report for backend in HAIR_BACKENDS)
+    assert "mean abs diff |" in report and "Goal < 10% at batch 1" in report
+    assert (out / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_pipeline_benchmark_bundle_of_another_pipeline_is_one_line(tmp_path: Path, tryon_bundle) -> None:
+    bundle, _ = tryon_bundle
+    args = ("--pipeline", "hair", "--bundle", str(bundle), "--out", str(tmp_path))
+    result = run_cli("bench/pipeline.py", *args)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        f"error: {bundle} is a tryon bundle, not hair (choose it with --pipeline)"
+    ]
+    assert not list(tmp_path.iterdir())
 
 
 def test_pipeline_benchmark_missing_bundle_is_one_line(tmp_path: Path) -> None:
