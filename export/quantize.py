@@ -265,9 +265,15 @@ def main() -> None:
     args = parse_args()
     if not args.bundle.is_dir():
         raise UserError(f"no bundle directory {args.bundle}")
-    pipeline = read_manifest(args.bundle).get("pipeline")
+    manifest = read_manifest(args.bundle)
+    pipeline = manifest.get("pipeline")
     if pipeline not in PIPELINES:
         raise UserError(f"{args.bundle} is a '{pipeline}' bundle; quantize.py knows {', '.join(PIPELINES)}")
+    missing = [
+        m["file"] for m in manifest.get("models", {}).values() if not (args.bundle / m["file"]).is_file()
+    ]
+    if missing:
+        raise UserError(f"{args.bundle} is incomplete: {missing[0]} is missing (export the bundle again)")
     _refuse_foreign_options(args, pipeline)
     silence_onnxruntime_quantization_logs()
     started = time.monotonic()

@@ -302,9 +302,19 @@ def test_classifier_variants_are_gated_by_top1_agreement_and_probability_error(c
 
 def test_quantize_refuses_a_pipeline_it_does_not_know(catalogue, tmp_path):
     manifest = read_manifest(catalogue["root"] / "garment_classifier")
-    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "pipeline": "hair"}))
+    (tmp_path / "manifest.json").write_text(json.dumps({**manifest, "pipeline": "makeup"}))
     error = one_line_error(run_cli("export/quantize.py", str(tmp_path)))
     assert error == (
-        f"error: {tmp_path} is a 'hair' bundle; "
-        "quantize.py knows tryon, fashion_generator, garment_classifier"
+        f"error: {tmp_path} is a 'makeup' bundle; "
+        "quantize.py knows tryon, fashion_generator, garment_classifier, hair"
+    )
+
+
+def test_quantize_refuses_a_bundle_with_missing_files(catalogue, tmp_path):
+    manifest = read_manifest(catalogue["root"] / "garment_classifier")
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))  # the manifest without its ONNX files
+    error = one_line_error(run_cli("export/quantize.py", str(tmp_path)))
+    assert error == (
+        f"error: {tmp_path} is incomplete: garment_classifier_preprocess/model.onnx is missing "
+        "(export the bundle again)"
     )
