@@ -46,7 +46,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--model",
         default="tryon",
-        help="registered model = pipeline: tryon (default), garment_classifier, fashion_generator",
+        help="registered model = pipeline: tryon (default), hair, garment_classifier, fashion_generator",
     )
     parser.add_argument("--alias", default=ALIAS, help="alias to serve (default: %(default)s)")
     parser.add_argument(
