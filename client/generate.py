@@ -14,12 +14,11 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.cli import UserError, run  # noqa: E402
-from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 
 GAP = 4  # pixels between images on the sheet
 SHEET_BACKGROUND = 255
@@ -75,13 +74,6 @@ def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
         left = GAP + (index % columns) * (width + GAP)
         sheet[top : top + height, left : left + width] = image
     return sheet
-
-
-def save_png(path: Path, image: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(image).save(tmp)
-    tmp.replace(path)  # never leave a half-written PNG behind
 
 
 def main() -> None:

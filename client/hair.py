@@ -31,7 +31,7 @@ from PIL import Image, UnidentifiedImageError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.cli import UserError, run  # noqa: E402
-from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 
 TRANSFER, EDIT = "hair_transfer", "hair_edit"
@@ -180,9 +180,7 @@ def main() -> None:
         images = client.infer(batch)["hair_image"]
         for (name, _), image in zip(chunk, images, strict=True):
             path = args.out / f"{name}.png"
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(image).save(tmp)
-            tmp.replace(path)  # never leave a half-written PNG behind
+            save_png(path, image)
             print(f"wrote {path}")
     client.close()
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.catalogue.gate import DEFAULT_THRESHOLD, GATE_MODEL, classify  # noqa: E402
 from fashionserve.cli import UserError, run  # noqa: E402
-from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError, load_tryon_files, load_tryon_inputs, read_pairs  # noqa: E402
 
 IMAGE_INPUTS = ("cloth", "agnostic", "densepose")  # resized bilinear; the others are masks/labels (nearest)
@@ -171,9 +171,7 @@ def main() -> None:
         outputs = client.infer(batch)
         for (name, _), image in zip(chunk, outputs["tryon_image"], strict=True):
             path = args.out / f"{name}.png"
-            tmp = path.with_suffix(".tmp.png")
-            Image.fromarray(image).save(tmp)
-            tmp.replace(path)  # never leave a half-written PNG behind
+            save_png(path, image)
             print(f"wrote {path}")
     client.close()
     if gate is not None:

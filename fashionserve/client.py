@@ -2,10 +2,12 @@
 read a model's input contract, validate inputs against it before sending, and infer."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from PIL import Image
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
 
 PROTOCOLS = ("grpc", "http")
@@ -125,3 +127,11 @@ def _reason(exc: Exception) -> str:
     """One line from a tritonclient exception."""
     text = exc.message() if isinstance(exc, InferenceServerException) else str(exc)
     return " ".join(str(text).split()) or type(exc).__name__
+
+
+def save_png(path: Path, image: np.ndarray) -> None:
+    """Write a uint8 HWC image as PNG, creating the folder; never leaves a half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.png")
+    Image.fromarray(image).save(tmp)
+    tmp.replace(path)
