@@ -311,6 +311,33 @@ def _detach_graph_outputs(model: onnx.ModelProto) -> onnx.ModelProto:
     return model
 
 
+def _split_shared_initializers(model: onnx.ModelProto, excluded_nodes: list[str]) -> None:
+    """Give kept-fp32 nodes their own copy of every float initializer that converted nodes read too.
+    The converter keeps an initializer fp32 when any kept-fp32 node reads it and does not cast it for
+    its other readers, which then mix fp16 and fp32 (e.g. StyleGAN2's modulation biases, all ones at
+    init, exported as one initializer read by every modulation Gemm)."""
+    blocked_op_types = set(_fp16_blocked_op_types())
+    excluded = set(excluded_nodes)
+
+    def is_blocked(node: onnx.NodeProto) -> bool:
+        return node.name in excluded or node.op_type in blocked_op_types
+
+    floats = {i.name: i for i in model.graph.initializer if i.data_type == onnx.TensorProto.FLOAT}
+    read_by_converted = {n for node in model.graph.node if not is_blocked(node) for n in node.input}
+    copies: dict[str, str] = {}
+    for node in model.graph.node:
+        if not is_blocked(node):
+            continue
+        for index, name in enumerate(node.input):
+            if name not in floats or name not in read_by_converted:
+                continue
+            if name not in copies:
+                copy_proto = copy.deepcopy(floats[name])
+                copy_proto.name = copies[name] = name + "__fp32"
+                model.graph.initializer.append(copy_proto)
+            node.input[index] = copies[name]
+
+
 def _collapse_cast_round_trips(model: onnx.ModelProto) -> None:
     """Let every Cast-to-fp32 read the fp32 tensor directly where it only undoes a Cast-to-fp16 (through
     Identity nodes), then drop nodes nobody reads. The converter casts around each kept-fp32 node, so
@@ -354,8 +381,10 @@ def convert_fp16(model: onnx.ModelProto, excluded_nodes: list[str], out_path: Pa
     """FP16 copy of `model` with fp32 inputs/outputs; blocked op types and `excluded_nodes` stay fp32."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns once per tiny weight it rounds to its minimum (1e-7)
+        detached = _detach_graph_outputs(model)
+        _split_shared_initializers(detached, excluded_nodes)
         converted = float16.convert_float_to_float16(
-            _detach_graph_outputs(model),
+            detached,
             keep_io_types=True,
             op_block_list=_fp16_blocked_op_types(),
             node_block_list=excluded_nodes,

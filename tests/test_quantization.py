@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
@@ -19,6 +20,7 @@ from fashionserve.quantization import (
     QuantizeOptions,
     Thresholds,
     build_network_variant,
+    convert_fp16,
     default_thresholds,
     evaluate_variant,
     exclusion_steps,
@@ -179,6 +181,44 @@ def test_measured_exclusions_keep_the_most_sensitive_layers_fp32(quantized, eval
 def test_exclusion_steps_double_up_to_the_budget():
     assert exclusion_steps(100, 0.25) == [0, 1, 2, 4, 8, 16, 25]
     assert exclusion_steps(3, 0.25) == [0]
+
+
+def test_fp16_excluded_gemm_sharing_its_bias_with_converted_gemms_loads_and_stays_fp32(tmp_path):
+    """Like StyleGAN2's modulation Gemms, which all read one bias initializer: excluding one of them
+    must give it an fp32 bias while the others read fp16, or ONNX Runtime refuses the model."""
+    rng = np.random.default_rng(0)
+
+    def weight(name: str, *shape: int) -> onnx.TensorProto:
+        return numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name)
+
+    gemms = [
+        onnx.helper.make_node("Gemm", ["x", f"w{i}", "bias"], [f"y{i}"], name=f"gemm{i}", transB=1)
+        for i in range(3)
+    ]
+    total = onnx.helper.make_node("Sum", ["y0", "y1", "y2"], ["out"], name="sum")
+    graph = onnx.helper.make_graph(
+        [*gemms, total],
+        "shared_bias",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 4])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [2, 4])],
+        [*(weight(f"w{i}", 4, 4) for i in range(3)), weight("bias", 4)],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    onnx.checker.check_model(model)
+    path = tmp_path / "fp16.onnx"
+    convert_fp16(model, ["gemm0"], path)
+
+    converted = onnx.load(str(path))
+    types = {i.name: i.data_type for i in converted.graph.initializer}
+    readers = {node.name: node for node in converted.graph.node}
+    assert types[readers["gemm0"].input[2]] == onnx.TensorProto.FLOAT
+    assert {types[readers[f"gemm{i}"].input[2]] for i in (1, 2)} == {onnx.TensorProto.FLOAT16}
+    x = rng.standard_normal((2, 4)).astype(np.float32)
+    reference = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    fp16 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (expected,), (actual,) = reference.run(None, {"x": x}), fp16.run(None, {"x": x})
+    assert actual.dtype == np.float32
+    np.testing.assert_allclose(actual, expected, rtol=1e-2, atol=1e-2)
 
 
 def test_samples_from_a_dataset_folder_wrap_round_its_pairs(samples_dir):
