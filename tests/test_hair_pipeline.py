@@ -9,7 +9,6 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
-import tritonclient.http as httpclient
 from PIL import Image
 from tritonclient.utils import InferenceServerException
 
@@ -36,6 +35,7 @@ from fashionserve.onnx_export import run_onnx
 from fashionserve.plans import plan_networks
 from fashionserve.repository import TRACKED_REPOSITORY, RenderError, read_config, render_repository
 from tests.conftest import run_cli
+from tests.test_tryon_pipeline import raw_infer
 
 # Small enough for a 2-core CI machine; the same code paths as the public 1024 configuration.
 SIZE = 64
@@ -311,22 +311,6 @@ def test_ensemble_equals_reference_pipeline_for_a_batch_of_two(server, pipeline,
     assert 0.05 < changed < 0.95, changed  # some hair was pasted, some of the photo kept
 
 
-def _raw_infer(url: str, model: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """Send without client-side validation, as a foreign client would."""
-    client = httpclient.InferenceServerClient(url)
-    tensors = []
-    for name, array in inputs.items():
-        tensor = httpclient.InferInput(
-            name, list(array.shape), "UINT8" if array.dtype == np.uint8 else "FP32"
-        )
-        tensor.set_data_from_numpy(array)
-        tensors.append(tensor)
-    try:
-        return client.infer(model, tensors).as_numpy("hair_image")
-    finally:
-        client.close()
-
-
 @pytest.mark.parametrize(
     "ensemble, change, expected",
     [
@@ -342,9 +326,9 @@ def test_server_rejects_bad_input_and_keeps_serving(server, ensemble, change, ex
     inputs = (transfer_inputs if ensemble == TRANSFER else edit_inputs)(CONFIG, 1, 0)
     batch = {n: t.numpy() for n, t in zip(INPUTS[ensemble], inputs, strict=True)}
     with pytest.raises(InferenceServerException) as error:
-        _raw_infer(server.http_url, ensemble, change(batch))
+        raw_infer(server.http_url, ensemble, "hair_image", change(batch))
     assert expected in error.value.message()
-    assert _raw_infer(server.http_url, ensemble, batch).shape == (1, SIZE, SIZE, 3)
+    assert raw_infer(server.http_url, ensemble, "hair_image", batch).shape == (1, SIZE, SIZE, 3)
 
 
 def test_client_validates_before_sending(server):

@@ -114,8 +114,9 @@ def test_http_and_grpc_agree(tryon_server, samples_dir):
     assert np.array_equal(outputs[0], outputs[1])
 
 
-def _raw_infer(url: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
-    """Send without client-side validation, as a foreign client would."""
+def raw_infer(url: str, model: str, output: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
+    """Send to `model` over HTTP without client-side validation, as a foreign client would; returns
+    `output`."""
     client = httpclient.InferenceServerClient(url)
     tensors = []
     for name, array in inputs.items():
@@ -125,7 +126,7 @@ def _raw_infer(url: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
         tensor.set_data_from_numpy(array)
         tensors.append(tensor)
     try:
-        return client.infer("tryon", tensors).as_numpy("tryon_image")
+        return client.infer(model, tensors).as_numpy(output)
     finally:
         client.close()
 
@@ -145,9 +146,9 @@ def _raw_infer(url: str, inputs: dict[str, np.ndarray]) -> np.ndarray:
 def test_server_rejects_bad_input_and_keeps_serving(tryon_server, samples_dir, change, expected):
     batch = {name: array[:1] for name, array in sample_batch(samples_dir).items()}
     with pytest.raises(InferenceServerException) as error:
-        _raw_infer(tryon_server.http_url, change(batch))
+        raw_infer(tryon_server.http_url, "tryon", "tryon_image", change(batch))
     assert expected in error.value.message()
-    assert _raw_infer(tryon_server.http_url, batch).shape == (1, 256, 192, 3)
+    assert raw_infer(tryon_server.http_url, "tryon", "tryon_image", batch).shape == (1, 256, 192, 3)
 
 
 def test_client_validates_before_sending(tryon_server, samples_dir):
