@@ -13,25 +13,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.catalogue.classifier import CLASSES, UPPER_BODY  # noqa: E402
 from fashionserve.catalogue.gate import GATE_MODEL  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
-from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
+from fashionserve.cli import run  # noqa: E402
+from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, open_image  # noqa: E402
 
 
 def read_photo(path: Path) -> np.ndarray:
     """uint8 [H, W, 3] RGB."""
-    try:
-        with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
-    except FileNotFoundError:
-        raise UserError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"{path}: not a readable image ({exc})") from None
+    with open_image(path) as image:
+        return np.asarray(image.convert("RGB"))
 
 
 def main() -> None:

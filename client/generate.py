@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, output_folder, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 
 GAP = 4  # pixels between images on the sheet
@@ -50,14 +50,21 @@ def read_latents(args: argparse.Namespace, latent_dim: int) -> np.ndarray:
             raise UserError("--count must be at least 1")
         return np.random.default_rng(args.seed).standard_normal((args.count, latent_dim)).astype(np.float32)
     try:
-        latents = np.load(args.latents)
+        latents = np.load(args.latents, allow_pickle=False)
     except (OSError, ValueError) as exc:
         raise UserError(f"cannot read latents from {args.latents}: {exc}") from None
+    if not isinstance(latents, np.ndarray):
+        raise UserError(f"{args.latents}: expected one array (.npy), got an archive of several")
     if latents.ndim != 2 or latents.shape[1] != latent_dim or len(latents) == 0:
         raise UserError(
             f"{args.latents}: expected latents of shape [count, {latent_dim}], got {list(latents.shape)}"
         )
-    return latents.astype(np.float32)
+    if not np.issubdtype(latents.dtype, np.number) or np.issubdtype(latents.dtype, np.complexfloating):
+        raise UserError(f"{args.latents}: expected real numbers, got {latents.dtype}")
+    latents = latents.astype(np.float32)  # float64 values beyond float32's range become inf here
+    if not np.isfinite(latents).all():
+        raise UserError(f"{args.latents}: latents hold NaN or infinite values (as float32)")
+    return latents
 
 
 def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
@@ -78,6 +85,10 @@ def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
 
 def main() -> None:
     args = parse_args()
+    if args.out.is_dir():
+        raise UserError(f"--out {args.out} is a folder; give the .png file of the contact sheet")
+    if args.each:
+        output_folder(args.each)
     client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
     (latent_spec,) = client.inputs
     latents = read_latents(args, latent_spec.shape[0])

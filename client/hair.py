@@ -26,12 +26,19 @@ import sys
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.cli import UserError, run  # noqa: E402
-from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
+from fashionserve.cli import UserError, output_folder, run  # noqa: E402
+from fashionserve.client import (  # noqa: E402
+    DEFAULT_URLS,
+    PROTOCOLS,
+    ClientError,
+    TritonModelClient,
+    open_image,
+    save_png,
+)
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 
 TRANSFER, EDIT = "hair_transfer", "hair_edit"
@@ -74,13 +81,8 @@ def parse_args() -> argparse.Namespace:
 def read_portrait(path: Path, size: int, resize: bool) -> np.ndarray:
     """RGB uint8 size x size x 3 from an image file; refuses non-square images, and other sizes unless
     `resize`."""
-    if not path.is_file():
-        raise UserError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise UserError(f"cannot read image {path}: {exc}") from None
+    with open_image(path) as image:
+        image = image.convert("RGB")
     width, height = image.size
     if width != height:
         raise UserError(f"{path} is {width}x{height}, not square: send a face-aligned square crop")
@@ -158,6 +160,7 @@ def edit_items(args: argparse.Namespace, size: int, n_latent: int, style_dim: in
 
 def main() -> None:
     args = parse_args()
+    output_folder(args.out)
     client = TritonModelClient(
         args.url or DEFAULT_URLS[args.protocol], args.model or args.mode, args.protocol
     )
@@ -173,7 +176,6 @@ def main() -> None:
         items = edit_items(args, size, n_latent, style_dim)
     else:
         items = transfer_items(args, size)
-    args.out.mkdir(parents=True, exist_ok=True)
     pending = iter(items)
     while chunk := list(itertools.islice(pending, args.batch)):
         batch = {name: np.stack([inputs[name] for _, inputs in chunk]) for name in chunk[0][1]}

@@ -31,7 +31,7 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.catalogue.gate import DEFAULT_THRESHOLD, GATE_MODEL, classify  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, output_folder, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError, load_tryon_files, load_tryon_inputs, read_pairs  # noqa: E402
 
@@ -157,11 +157,11 @@ def main() -> None:
     args = parse_args()
     if args.batch < 1:
         raise UserError("--batch must be at least 1")
+    output_folder(args.out)
     samples = iter_samples(args)
     client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
     height, width = next(s.shape[:2] for s in client.inputs if s.name == "cloth")
     gate = open_gate(args, client)
-    args.out.mkdir(parents=True, exist_ok=True)
     while chunk := list(itertools.islice(samples, args.batch)):
         if gate is not None:
             check_garments(gate, chunk, args.gate_threshold)

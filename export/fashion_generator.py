@@ -19,7 +19,7 @@ from fashionserve.catalogue.bundles import export_generator_bundle, load_fashion
 from fashionserve.catalogue.export_cli import export_parser, parse_export_args, report_written  # noqa: E402
 from fashionserve.catalogue.pggan import GENERATOR_KEYS, PGGANConfig  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, positive_int, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
 RANDOM_OUTPUTS = "images are noise"
@@ -36,11 +36,15 @@ def main() -> None:
         help="which generator of the checkpoint: avgG (moving average, default) or netG",
     )
     shape = parser.add_argument_group("architecture for --random-init (a checkpoint carries its own)")
-    shape.add_argument("--resolution", type=int, default=512, help="output size, 4..1024 (default 512)")
     shape.add_argument(
-        "--max-channels", type=int, default=512, help="cap on every scale's depth (default 512)"
+        "--resolution", type=positive_int, default=512, help="output size, 4..1024 (default 512)"
     )
-    shape.add_argument("--latent-dim", type=int, default=512, help="latent vector size (default 512)")
+    shape.add_argument(
+        "--max-channels", type=positive_int, default=512, help="cap on every scale's depth (default 512)"
+    )
+    shape.add_argument(
+        "--latent-dim", type=positive_int, default=512, help="latent vector size (default 512)"
+    )
     args = parse_export_args(parser)
     try:
         config = PGGANConfig.for_resolution(args.resolution, args.max_channels, args.latent_dim)

@@ -18,7 +18,7 @@ from fashionserve.catalogue.bundles import export_classifier_bundle, load_garmen
 from fashionserve.catalogue.classifier import ClassifierConfig  # noqa: E402
 from fashionserve.catalogue.export_cli import export_parser, parse_export_args, report_written  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import positive_int, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
 RANDOM_OUTPUTS = "predictions are meaningless"
@@ -29,8 +29,12 @@ def main() -> None:
         __doc__, "checkpoint written by train/garment_classifier.py", RANDOM_OUTPUTS, max_batch=8
     )
     shape = parser.add_argument_group("architecture for --random-init (a checkpoint carries its own)")
-    shape.add_argument("--width", type=int, default=32, help="channels of the first conv block (default 32)")
-    shape.add_argument("--hidden", type=int, default=128, help="hidden units of the head (default 128)")
+    shape.add_argument(
+        "--width", type=positive_int, default=32, help="channels of the first conv block (default 32)"
+    )
+    shape.add_argument(
+        "--hidden", type=positive_int, default=128, help="hidden units of the head (default 128)"
+    )
     args = parse_export_args(parser)
     started = time.monotonic()
     config = ClassifierConfig(width=args.width, hidden=args.hidden)

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.bundle import RANDOM_INIT  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, positive_int, run  # noqa: E402
 from fashionserve.hair.bundle import export_bundle, load_networks  # noqa: E402
 from fashionserve.hair.stages import HairConfig, parse_layers  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
@@ -58,18 +58,24 @@ def parse_args() -> argparse.Namespace:
         default=1024,
         help="side of the square portraits served (default 1024, FFHQ-aligned crops)",
     )
-    shape.add_argument("--generator-size", type=int, help="StyleGAN2 output side (default: --resolution)")
-    shape.add_argument("--style-dim", type=int, default=512, help="W dimension (default 512)")
-    shape.add_argument("--n-mlp", type=int, default=8, help="mapping network layers (default 8)")
-    shape.add_argument("--channel-max", type=int, default=512, help="cap on generator widths (default 512)")
-    shape.add_argument("--encoder-size", type=int, default=256, help="e4e input side (default 256)")
     shape.add_argument(
-        "--encoder-width", type=int, default=64, help="e4e body width, style_dim / 8 (default 64)"
+        "--generator-size", type=positive_int, help="StyleGAN2 output side (default: --resolution)"
+    )
+    shape.add_argument("--style-dim", type=positive_int, default=512, help="W dimension (default 512)")
+    shape.add_argument("--n-mlp", type=positive_int, default=8, help="mapping network layers (default 8)")
+    shape.add_argument(
+        "--channel-max", type=positive_int, default=512, help="cap on generator widths (default 512)"
+    )
+    shape.add_argument("--encoder-size", type=positive_int, default=256, help="e4e input side (default 256)")
+    shape.add_argument(
+        "--encoder-width", type=positive_int, default=64, help="e4e body width, style_dim / 8 (default 64)"
     )
     shape.add_argument(
         "--encoder-units", help="IR-SE units per e4e body stage, e.g. 1,2,2,1 (default 3,4,14,3)"
     )
-    shape.add_argument("--parser-size", type=int, default=512, help="face parser input side (default 512)")
+    shape.add_argument(
+        "--parser-size", type=positive_int, default=512, help="face parser input side (default 512)"
+    )
     pipeline = parser.add_argument_group("hair transfer")
     pipeline.add_argument(
         "--hair-layers",
@@ -82,7 +88,7 @@ def parse_args() -> argparse.Namespace:
         help="gaussian sigma of the mask feathering in parser pixels (default: parser size / 64)",
     )
     parser.add_argument(
-        "--max-batch", type=int, default=4, help="largest batch the ONNX files accept (default 4)"
+        "--max-batch", type=positive_int, default=4, help="largest batch the ONNX files accept (default 4)"
     )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
     args = parser.parse_args()

@@ -13,7 +13,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, positive_int, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 from fashionserve.tryon.bundle import RANDOM_INIT, export_bundle, load_networks  # noqa: E402
 from fashionserve.tryon.stages import TryonConfig, parse_resolution  # noqa: E402
@@ -43,13 +43,19 @@ def parse_args() -> argparse.Namespace:
         default="256x192",
         help="HEIGHTxWIDTH the condition generator runs at (default 256x192, as trained)",
     )
-    shape.add_argument("--condition-ngf", type=int, default=96, help="condition generator width (default 96)")
-    shape.add_argument("--image-ngf", type=int, default=64, help="image generator width (default 64)")
-    shape.add_argument("--spade-hidden", type=int, default=128, help="SPADE hidden channels (default 128)")
+    shape.add_argument(
+        "--condition-ngf", type=positive_int, default=96, help="condition generator width (default 96)"
+    )
+    shape.add_argument(
+        "--image-ngf", type=positive_int, default=64, help="image generator width (default 64)"
+    )
+    shape.add_argument(
+        "--spade-hidden", type=positive_int, default=128, help="SPADE hidden channels (default 128)"
+    )
     shape.add_argument("--no-occlusion", action="store_true", help="skip the official occlusion handling")
     shape.add_argument("--noise", action="store_true", help="keep SPADE noise (non-deterministic outputs)")
     parser.add_argument(
-        "--max-batch", type=int, default=4, help="largest batch the ONNX files accept (default 4)"
+        "--max-batch", type=positive_int, default=4, help="largest batch the ONNX files accept (default 4)"
     )
     parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
     args = parser.parse_args()

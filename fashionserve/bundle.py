@@ -227,9 +227,60 @@ def write_manifest(bundle_dir: Path, manifest: dict) -> None:
     tmp.replace(bundle_dir / MANIFEST)
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _tensor_spec_problem(spec: object) -> str | None:
+    if not isinstance(spec, dict):
+        return f"a tensor must be an object, got {type(spec).__name__}"
+    if not isinstance(spec.get("name"), str) or not isinstance(spec.get("dtype"), str):
+        return "a tensor needs a string 'name' and 'dtype'"
+    shape = spec.get("shape")
+    if not isinstance(shape, list) or not all(_is_int(d) for d in shape):
+        return f"tensor '{spec['name']}': 'shape' must be a list of integers"
+    return None
+
+
+def manifest_problem(manifest: object) -> str | None:
+    """What makes `manifest` unusable (a field missing or of the wrong JSON type), or None: every later
+    step (render, quantize, register) indexes these fields without checking them again."""
+    if not isinstance(manifest, dict):
+        return f"the manifest must be a JSON object, got {type(manifest).__name__}"
+    if not isinstance(manifest.get("pipeline"), str):
+        return "'pipeline' must be a string"
+    if not _is_int(manifest.get("max_batch_size")) or manifest["max_batch_size"] < 1:
+        return "'max_batch_size' must be a positive integer"
+    for field, kinds in (("ensembles", (dict, list)), ("variants", (dict,)), ("plans", (dict,))):
+        if field in manifest and not isinstance(manifest[field], kinds):
+            return f"'{field}' has the wrong JSON type ({type(manifest[field]).__name__})"
+    if "config" in manifest and not isinstance(manifest["config"], dict):
+        return "'config' must be an object"
+    models = manifest.get("models")
+    if not isinstance(models, dict) or not models:
+        return "'models' must be a non-empty object"
+    for name, model in models.items():
+        if not isinstance(model, dict) or not isinstance(model.get("file"), str):
+            return f"model '{name}' must be an object with a string 'file'"
+        for kind in ("inputs", "outputs"):
+            if not isinstance(model.get(kind), list):
+                return f"model '{name}': '{kind}' must be a list"
+            problem = next(filter(None, map(_tensor_spec_problem, model[kind])), None)
+            if problem:
+                return f"model '{name}': {problem}"
+    return None
+
+
 def read_manifest(bundle_dir: Path) -> dict:
-    """The manifest of an exported bundle."""
+    """The manifest of an exported bundle, its fields checked (ExportError naming the first problem)."""
     path = bundle_dir / MANIFEST
     if not path.is_file():
         raise ExportError(f"not a bundle (no {MANIFEST}): {bundle_dir}")
-    return json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        raise ExportError(f"{path}: not valid JSON ({type(exc).__name__})") from None
+    problem = manifest_problem(manifest)
+    if problem:
+        raise ExportError(f"{path}: {problem}")
+    return manifest

@@ -1,17 +1,23 @@
 """Thin layer over tritonclient shared by the CLIs and the load tests: connect over gRPC or HTTP,
 read a model's input contract, validate inputs against it before sending, and infer."""
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tritonclient.utils import InferenceServerException, np_to_triton_dtype, triton_to_np_dtype
+
+from fashionserve.cli import UserError
 
 PROTOCOLS = ("grpc", "http")
 DEFAULT_URLS = {"grpc": "127.0.0.1:8001", "http": "127.0.0.1:8000"}
+# Largest image a client decodes: 8192x8192 (256 MB as RGB). Pillow's own bomb check only warns up to
+# twice its 89 M pixel limit and decodes anyway; a crafted header must be refused before decoding.
+MAX_IMAGE_PIXELS = 8192 * 8192
 
 
 class ClientError(Exception):
@@ -129,9 +135,38 @@ def _reason(exc: Exception) -> str:
     return " ".join(str(text).split()) or type(exc).__name__
 
 
+def open_image(path: Path, what: str = "image") -> Image.Image:
+    """The decoded image at `path`; UserError naming the file if it is missing, unreadable, or larger
+    than MAX_IMAGE_PIXELS (checked from the header, before decoding: decompression bombs)."""
+    if not Path(path).is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            width, height = image.size
+            if width * height > MAX_IMAGE_PIXELS:
+                image.close()
+                raise UserError(
+                    f"{what} {path} is {width}x{height}, more than {MAX_IMAGE_PIXELS} pixels; "
+                    "refused before decoding"
+                )
+            image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise UserError(f"{what} {path}: refused before decoding: {exc}") from None
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:  # Pillow's decoders use all
+        raise UserError(f"cannot read {what} {path}: {exc}") from None
+    return image
+
+
 def save_png(path: Path, image: np.ndarray) -> None:
     """Write a uint8 HWC image as PNG, creating the folder; never leaves a half-written file behind."""
+    if path.is_dir():
+        raise UserError(f"{path} is a folder; give a .png file to write")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.png")
-    Image.fromarray(image).save(tmp)
-    tmp.replace(path)
+    try:
+        Image.fromarray(image).save(tmp)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

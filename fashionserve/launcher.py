@@ -1,12 +1,18 @@
 """Embedded Triton: start the `tritonserver` binary shipped in the nvidia-pytriton wheel on loopback ports.
 
-    python -m fashionserve.launcher start --repository DIR [--detach --pid-file FILE]
+    python -m fashionserve.launcher start --repository DIR [--detach --pid-file FILE] [--free-ports]
     python -m fashionserve.launcher stop --pid-file FILE
 
 Python-backend `model.py` files import `fashionserve` and `onnxruntime`, so the server runs with this
 interpreter's venv and the project root importable (see `_server_environment`). It runs in its own
 session, so a Ctrl-C meant for the parent never kills it half-way; `stop()`, `__exit__` and an atexit
 hook stop it instead.
+
+While the launching process lives, a watchdog thread looks after the python-backend stubs: Triton 2.51
+neither restarts a stub that died nor marks its model unready, so the watchdog reloads that model
+(explicit model control); and when the server itself dies (e.g. kill -9) it takes the stubs down with
+it. Stubs of earlier servers of the same repository whose server is gone are killed at start.
+The command line serves on 8000/8001/8002 unless told otherwise (`--free-ports` picks free ones).
 """
 
 import argparse
@@ -22,6 +28,7 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -38,7 +45,9 @@ from fashionserve.processes import (
     ServerError,
     free_ports,
     port_is_free,
+    process_ids,
     process_stat,
+    process_status,
     reap_group,
     serve,
     stop_by_pid_file,
@@ -59,6 +68,9 @@ _CREATING_SERVER = re.compile(r"error: creating server: .*")
 _PORT_IN_USE = re.compile(r"Socket '[^']*:(\d+)' already in use")
 _MAX_REASONS = 3
 _MAX_REASON_CHARS = 300
+DEFAULT_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}  # Triton's own defaults, on HOST
+STUB_COMMAND = "triton_python_b"  # the kernel's 15-character name of triton_python_backend_stub
+WATCH_S = 1.0  # how often the watchdog looks at the stubs
 
 
 class _PortInUse(ServerError):
@@ -178,6 +190,71 @@ def _failure_reasons(log: str) -> list[str]:
     return list(dict.fromkeys(reasons))[:_MAX_REASONS]
 
 
+@dataclass(frozen=True)
+class PythonStub:
+    """A live python-backend stub process, from its command line."""
+
+    pid: int
+    server_pid: int  # the tritonserver it serves (argument 5 of the stub's command line)
+    model_file: Path  # <repository>/<model>/<version>/model.py
+
+    @property
+    def model(self) -> str:
+        return self.model_file.parent.parent.name
+
+    @property
+    def version(self) -> str:
+        return self.model_file.parent.name
+
+
+def python_stubs() -> list[PythonStub]:
+    """Every live python-backend stub on this machine (zombies have no command line left)."""
+    stubs = []
+    for pid in process_ids():
+        status = process_status(pid)
+        if status is None or status[0] != STUB_COMMAND or status[1] in "ZX":
+            continue
+        try:
+            arguments = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if len(arguments) > 5 and arguments[5].isdigit():
+            stubs.append(PythonStub(pid, int(arguments[5]), Path(os.fsdecode(arguments[1]))))
+    return stubs
+
+
+def reap_orphaned_stubs(repository: Path) -> list[int]:
+    """SIGKILL the stubs of `repository`'s models whose tritonserver is gone (they can outlive a server
+    killed with SIGKILL, 100-250 MB each); returns their PIDs."""
+    root = Path(repository).resolve()
+    orphans = [
+        stub.pid
+        for stub in python_stubs()
+        if stub.model_file.is_relative_to(root)
+        and (process_stat(stub.server_pid) or ("",))[0] != "tritonserver"
+    ]
+    for pid in orphans:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not any(process_stat(pid) for pid in orphans), GROUP_GRACE_S)
+    return orphans
+
+
+def _http_post(url: str, timeout: float) -> None:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
+    with opener.open(urllib.request.Request(url, data=b"{}", method="POST"), timeout=timeout):
+        pass
+
+
+def _http_ok(url: str) -> bool:
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        with opener.open(url, timeout=5.0) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
 @dataclass
 class TritonServer:
     """One tritonserver process on loopback ports; use as a context manager or call start()/stop()."""
@@ -190,7 +267,11 @@ class TritonServer:
     load_models: Sequence[str] = ()  # explicit mode: models to load at start ("*": all)
     log_file: Path | None = None  # stdout+stderr of the server; default: a file in a fresh temp dir
     ready_timeout: float = 120.0
+    watch_stubs: bool = True  # run the stub watchdog (see the module docstring)
+    reloaded: list[str] = field(default_factory=list, init=False)  # models the watchdog reloaded
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
+    _watchdog: threading.Thread | None = field(default=None, init=False, repr=False)
+    _stop_watching: threading.Event = field(default_factory=threading.Event, init=False, repr=False)
 
     @property
     def pid(self) -> int | None:
@@ -241,6 +322,7 @@ class TritonServer:
                 )
         if self.log_file is None:
             self.log_file = Path(tempfile.mkdtemp(prefix="fashionserve-triton-")) / "tritonserver.log"
+        reap_orphaned_stubs(self.repository)
         taken = {port for _, port in chosen}
         attempts_left = _PORT_ATTEMPTS
         try:
@@ -251,6 +333,7 @@ class TritonServer:
                 try:
                     self._launch()
                     self._wait_ready()
+                    self._start_watchdog()
                     return self
                 except _PortInUse as exc:
                     attempts_left -= 1
@@ -331,6 +414,62 @@ class TritonServer:
             self.stop()
             raise
 
+    def _start_watchdog(self) -> None:
+        if not self.watch_stubs:
+            return
+        assert self._process is not None
+        self._stop_watching = threading.Event()
+        self._watchdog = threading.Thread(
+            target=self._watch, args=(self._process, self._stop_watching), name="stub-watchdog", daemon=True
+        )
+        self._watchdog.start()
+
+    def _watch(self, process: subprocess.Popen, stopped: threading.Event) -> None:
+        """Until stop(): reload the model of a stub that died; once the server is gone, kill its stubs."""
+        known: dict[int, PythonStub] = {}
+        while not stopped.wait(WATCH_S):
+            if process.poll() is not None:  # reaps it, so its stubs see their server gone
+                reap_group(process.pid)
+                return
+            live = {stub.pid: stub for stub in python_stubs() if stub.server_pid == process.pid}
+            for pid, stub in list(known.items()):
+                status = process_status(pid)
+                if pid not in live and status is not None and status[1] == "Z" and status[2] == process.pid:
+                    # Triton never reaps a stub that crashed; one that stopped with its model is reaped.
+                    del known[pid]
+                    if not stopped.is_set():
+                        self._reload(stub)
+                elif pid not in live:
+                    del known[pid]
+            known.update(live)
+
+    def _reload(self, stub: PythonStub) -> None:
+        """Reload the model of a dead stub if its version is still served (unload, then load: a plain load
+        of an unchanged model is a no-op)."""
+        base = f"http://{self.http_url}/v2"
+        if not _http_ok(f"{base}/models/{stub.model}/versions/{stub.version}/ready"):
+            return  # unloaded meanwhile: nothing to recover
+        if self.model_control != "explicit":
+            print(
+                f"warning: the python-backend stub of model '{stub.model}' died; Triton cannot reload it in "
+                "model control 'none': restart the server (or start it with --model-control explicit)",
+                file=sys.stderr,
+                flush=True,
+            )
+            return
+        try:
+            _http_post(f"{base}/repository/models/{stub.model}/unload", timeout=60.0)
+            _http_post(f"{base}/repository/models/{stub.model}/load", timeout=self.ready_timeout)
+        except (urllib.error.URLError, OSError) as exc:
+            print(f"warning: could not reload model '{stub.model}': {exc}", file=sys.stderr, flush=True)
+            return
+        self.reloaded.append(stub.model)
+        print(
+            f"reloaded model '{stub.model}': its python-backend stub (PID {stub.pid}) had died",
+            file=sys.stderr,
+            flush=True,
+        )
+
     def _read_log(self) -> str:
         assert self.log_file is not None
         try:
@@ -359,6 +498,7 @@ class TritonServer:
         process = self._process
         if process is None:
             return
+        self._stop_watching.set()
         process.send_signal(signal.SIGTERM)  # a no-op if it already exited and was reaped
         try:
             process.wait(timeout)
@@ -367,6 +507,9 @@ class TritonServer:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         reap_group(process.pid)
+        if self._watchdog is not None:
+            self._watchdog.join()
+            self._watchdog = None
         # Only now: if a second Ctrl-C interrupts the waits, the atexit hook still stops it.
         self._process = None
         atexit.unregister(self.stop)
@@ -401,13 +544,18 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     start.add_argument(
         "--repository", type=Path, required=True, metavar="DIR", help="model repository folder to serve"
     )
-    for protocol in ("http", "grpc", "metrics"):
+    for protocol, port in DEFAULT_PORTS.items():
         start.add_argument(
             f"--{protocol}-port",
             type=int,
             metavar="N",
-            help=f"{protocol} port on {HOST} (default: a free one)",
+            help=f"{protocol} port on {HOST} (default {port}, or a free one with --free-ports)",
         )
+    start.add_argument(
+        "--free-ports",
+        action="store_true",
+        help="pick free ports for those not given (e.g. tests, or a second server next to the first)",
+    )
     start.add_argument(
         "--model-control",
         choices=MODEL_CONTROL_MODES,
@@ -454,11 +602,15 @@ def _print_endpoints(server: TritonServer) -> None:
 
 
 def _start(args: argparse.Namespace) -> int:
+    ports = {
+        protocol: getattr(args, f"{protocol}_port") or (None if args.free_ports else default)
+        for protocol, default in DEFAULT_PORTS.items()
+    }
     server = TritonServer(
         repository=args.repository,
-        http_port=args.http_port,
-        grpc_port=args.grpc_port,
-        metrics_port=args.metrics_port,
+        http_port=ports["http"],
+        grpc_port=ports["grpc"],
+        metrics_port=ports["metrics"],
         model_control=args.model_control,
         load_models=args.load_model,
         log_file=args.log_file,

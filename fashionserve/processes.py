@@ -10,6 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Protocol
 
+from fashionserve.cli import silence_stdout
+
 HOST = "127.0.0.1"
 POLL_S = 0.2
 GROUP_GRACE_S = 10.0  # python-backend stubs exit about 0.5 s after their server
@@ -40,19 +42,30 @@ def free_ports(count: int) -> list[int]:
         return [sock.getsockname()[1] for sock in sockets]
 
 
-def process_stat(pid: int) -> tuple[str, int] | None:
-    """(command name, process group) of a live process; None if there is none (zombies count as gone)."""
+def process_status(pid: int) -> tuple[str, str, int, int] | None:
+    """(command name, state letter, parent PID, process group) of a process, zombies included; None if
+    there is none."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
     except (FileNotFoundError, ProcessLookupError):
         return None
-    state, _, pgid = stat[stat.rindex(")") + 2 :].split()[:3]
-    return None if state in "ZX" else (stat[stat.index("(") + 1 : stat.rindex(")")], int(pgid))
+    state, ppid, pgid = stat[stat.rindex(")") + 2 :].split()[:3]
+    return stat[stat.index("(") + 1 : stat.rindex(")")], state, int(ppid), int(pgid)
+
+
+def process_stat(pid: int) -> tuple[str, int] | None:
+    """(command name, process group) of a live process; None if there is none (zombies count as gone)."""
+    status = process_status(pid)
+    return None if status is None or status[1] in "ZX" else (status[0], status[3])
+
+
+def process_ids() -> list[int]:
+    """Every PID in /proc now."""
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
 
 
 def _group_members(pgid: int) -> list[int]:
-    pids = (int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit())
-    return [pid for pid in pids if (stat := process_stat(pid)) is not None and stat[1] == pgid]
+    return [pid for pid in process_ids() if (stat := process_stat(pid)) is not None and stat[1] == pgid]
 
 
 def wait_until(condition: Callable[[], bool], timeout: float) -> bool:
@@ -114,7 +127,10 @@ def serve(
         except OSError as exc:
             server.stop()
             raise ServerError(f"cannot write PID file {pid_file}: {exc.strerror}") from None
-    announce()
+    try:
+        announce()
+    except BrokenPipeError:  # e.g. `start --detach | head -1`: the server is up, the rest goes unread
+        silence_stdout()
     if detach:
         server.detach()
         return 0

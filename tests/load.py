@@ -1,6 +1,6 @@
 """Locust load test: users that send real inputs to a Triton ensemble through tritonclient.
 
-    locust -f tests/load.py                                   # web UI on http://localhost:8089
+    locust -f tests/load.py                                   # web UI on http://127.0.0.1:8089
     locust -f tests/load.py --headless -u 4 -r 2 -t 60s --csv work/load/out
     locust -f tests/load.py --headless -u 2 -t 30s --protocol grpc --host 127.0.0.1:8001 --batch 2
     locust -f tests/load.py --headless -u 8 -t 30s --model garment_classifier --batch 4
@@ -53,6 +53,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust` does no
 from fashionserve.catalogue.synthetic import draw_product_photo  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
+from fashionserve.processes import HOST  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError, cloth_files, load_tryon_inputs, read_pairs  # noqa: E402
 from fashionserve.tryon.samples import write_sample_set  # noqa: E402
 
@@ -73,6 +74,9 @@ LATENT_SEED = 1  # client/generate.py's default
 
 @events.init_command_line_parser.add_listener
 def _add_options(parser) -> None:
+    # Locust serves its web UI (and a master its workers) on every interface by default; this load test
+    # is for this machine only, like the Triton it loads. --web-host / --master-bind-host still override.
+    parser.set_defaults(web_host=HOST, master_bind_host=HOST)
     group = parser.add_argument_group("fashionserve load test (tests/load.py)")
     group.add_argument("--model", default="tryon", help="ensemble to load (default tryon)")
     group.add_argument("--protocol", choices=PROTOCOLS, default="http", help="http (default) or grpc")

@@ -252,7 +252,9 @@ def launcher_cli(*args: str | Path) -> subprocess.CompletedProcess:
 
 def test_cli_detach_then_stop(repository: Path, tmp_path: Path) -> None:
     pid_file = tmp_path / "triton.pid"
-    started = launcher_cli("start", "--repository", repository, "--detach", "--pid-file", pid_file)
+    started = launcher_cli(
+        "start", "--repository", repository, "--free-ports", "--detach", "--pid-file", pid_file
+    )
     assert started.returncode == 0, started.stderr
     pid = int(pid_file.read_text())
     assert f"PID {pid}" in started.stdout

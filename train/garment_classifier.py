@@ -27,7 +27,7 @@ from fashionserve.catalogue.training import (  # noqa: E402
     save_checkpoint,
     train,
 )
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, positive_int, run  # noqa: E402
 
 TARGET_MACRO_F1 = 0.93  # the source paper's average precision/recall/F1
 
@@ -39,9 +39,11 @@ def parse_args() -> argparse.Namespace:
     defaults = TrainOptions()
     parser.add_argument("--data", type=Path, required=True, help="folder holding the four IDX files")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
-    parser.add_argument("--epochs", type=int, default=defaults.epochs, help=f"default {defaults.epochs}")
     parser.add_argument(
-        "--batch-size", type=int, default=defaults.batch_size, help=f"default {defaults.batch_size}"
+        "--epochs", type=positive_int, default=defaults.epochs, help=f"default {defaults.epochs}"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive_int, default=defaults.batch_size, help=f"default {defaults.batch_size}"
     )
     parser.add_argument(
         "--learning-rate",
@@ -50,9 +52,15 @@ def parse_args() -> argparse.Namespace:
         help=f"initial SGD learning rate, cosine-decayed to 0 (default {defaults.learning_rate})",
     )
     parser.add_argument("--seed", type=int, default=defaults.seed, help=f"default {defaults.seed}")
-    parser.add_argument("--width", type=int, default=32, help="channels of the first conv block (default 32)")
-    parser.add_argument("--hidden", type=int, default=128, help="hidden units of the head (default 128)")
-    parser.add_argument("--limit", type=int, help="use only the first N training images (quick runs)")
+    parser.add_argument(
+        "--width", type=positive_int, default=32, help="channels of the first conv block (default 32)"
+    )
+    parser.add_argument(
+        "--hidden", type=positive_int, default=128, help="hidden units of the head (default 128)"
+    )
+    parser.add_argument(
+        "--limit", type=positive_int, help="use only the first N training images (quick runs)"
+    )
     parser.add_argument("--report-json", type=Path, help="also write the report as JSON here")
     return parser.parse_args()
 

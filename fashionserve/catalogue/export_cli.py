@@ -6,6 +6,7 @@ import time
 from pathlib import Path
 
 from fashionserve.bundle import RANDOM_INIT
+from fashionserve.cli import positive_int
 
 
 def export_parser(
@@ -26,7 +27,7 @@ def export_parser(
     weights.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     parser.add_argument(
         "--max-batch",
-        type=int,
+        type=positive_int,
         default=max_batch,
         help=f"largest batch the ONNX files accept (default {max_batch})",
     )

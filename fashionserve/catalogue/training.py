@@ -9,7 +9,7 @@ stepped every batch, random horizontal flips.
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fashionserve.catalogue.classifier import CLASSES, ClassifierConfig, GarmentClassifier, GarmentPreprocess
-from fashionserve.checkpoints import CheckpointError, load_strict, read_state_dict
+from fashionserve.checkpoints import CheckpointError, load_strict, read_checkpoint, state_dict_of
 
 _PREPROCESS_CHUNK = 256  # images per preprocessing call: bounds the 224x224 sampling grids in memory
 
@@ -172,14 +172,33 @@ def save_checkpoint(path: Path, model: GarmentClassifier, report: dict, details:
     tmp.replace(path)
 
 
+def _checked_config(path: Path, config: object) -> ClassifierConfig:
+    """The ClassifierConfig a checkpoint records, refused (CheckpointError) unless well-formed."""
+    names = {field.name for field in fields(ClassifierConfig)}
+    if not isinstance(config, dict) or set(config) != names:
+        raise CheckpointError(f"{path}: 'config' must hold exactly {sorted(names)}")
+    if not all(
+        isinstance(config[k], int) and not isinstance(config[k], bool) and config[k] > 0
+        for k in ("width", "hidden")
+    ):
+        raise CheckpointError(f"{path}: config widths must be positive integers, got {config}")
+    if not isinstance(config["dropout"], (int, float)) or not 0 <= config["dropout"] < 1:
+        raise CheckpointError(f"{path}: config dropout must be in [0, 1), got {config['dropout']!r}")
+    return ClassifierConfig(**config)
+
+
 def load_classifier(path: Path) -> tuple[GarmentClassifier, dict]:
     """A classifier from a checkpoint written by `save_checkpoint` (strict), and the checkpoint's
     metadata (config, classes, report, ...)."""
-    state_dict = read_state_dict(path)
-    metadata = torch.load(path, map_location="cpu", weights_only=True)
-    metadata.pop("state_dict")
+    metadata = read_checkpoint(path)
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("state_dict"), dict):
+        raise CheckpointError(
+            f"{path}: not a garment classifier checkpoint of train/garment_classifier.py "
+            "(expected a dict with 'state_dict', 'config' and 'classes'; a bare state dict lacks the config)"
+        )
+    state_dict = state_dict_of(metadata.pop("state_dict"), str(path))
     if metadata.get("classes") != list(CLASSES):
         raise CheckpointError(f"{path}: not a Fashion-MNIST garment classifier checkpoint (classes differ)")
-    model = GarmentClassifier(ClassifierConfig(**metadata["config"]))
+    model = GarmentClassifier(_checked_config(path, metadata.get("config")))
     load_strict(model, state_dict, f"garment classifier checkpoint {path.name}")
     return model.eval(), metadata

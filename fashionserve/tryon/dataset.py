@@ -4,8 +4,10 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from fashionserve.cli import UserError
+from fashionserve.client import open_image
 from fashionserve.tryon.agnostic import agnostic_person_image
 from fashionserve.tryon.labels import NUM_CIHP_LABELS
 
@@ -61,11 +63,9 @@ def _open(what: str, path: Path) -> Image.Image:
     if not path.is_file():
         raise DatasetError(f"missing {what}: {path}")
     try:
-        image = Image.open(path)
-        image.load()
-    except (OSError, UnidentifiedImageError) as exc:
-        raise DatasetError(f"cannot read {what}: {path}: {exc}") from None
-    return image
+        return open_image(path, what)  # refuses decompression bombs before decoding
+    except UserError as exc:
+        raise DatasetError(str(exc)) from None
 
 
 def _check_size(what: str, path: Path, array: np.ndarray, size: tuple[int, ...]) -> None:
@@ -106,10 +106,16 @@ def _keypoints(path: Path) -> np.ndarray:
     try:
         people = json.loads(path.read_text())["people"]
         values = np.asarray(people[0]["pose_keypoints_2d"], dtype=np.float64)
-    except (ValueError, KeyError, IndexError, TypeError) as exc:
-        raise DatasetError(f"cannot read pose keypoints: {path}: {type(exc).__name__}: {exc}") from None
+    except (ValueError, KeyError, IndexError, TypeError, RecursionError) as exc:  # RecursionError: nesting
+        detail = "nested too deeply" if isinstance(exc, RecursionError) else f"{type(exc).__name__}: {exc}"
+        raise DatasetError(f"cannot read pose keypoints: {path}: {detail}") from None
     if values.shape != (75,):
-        raise DatasetError(f"pose keypoints {path}: expected 75 values (BODY_25 x,y,c), got {values.size}")
+        got = f"{values.size} values" if values.ndim == 1 else f"an array of shape {list(values.shape)}"
+        raise DatasetError(
+            f"pose keypoints {path}: expected a flat list of 75 values (BODY_25 x,y,c), got {got}"
+        )
+    if not np.isfinite(values).all():
+        raise DatasetError(f"pose keypoints {path}: holds NaN or infinite values")
     return values.reshape(25, 3)[:, :2]
 
 
