@@ -160,7 +160,10 @@ def main() -> None:
     output_folder(args.out)
     samples = iter_samples(args)
     client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
-    height, width = next(s.shape[:2] for s in client.inputs if s.name == "cloth")
+    cloth = next((spec for spec in client.inputs if spec.name == "cloth"), None)
+    if cloth is None:
+        raise UserError(f"model '{client.model}' is not a try-on ensemble (it takes no 'cloth' input)")
+    height, width = cloth.shape[:2]
     gate = open_gate(args, client)
     while chunk := list(itertools.islice(samples, args.batch)):
         if gate is not None:

@@ -20,6 +20,7 @@ import atexit
 import contextlib
 import hashlib
 import importlib.util
+import json
 import os
 import re
 import shutil
@@ -240,19 +241,11 @@ def reap_orphaned_stubs(repository: Path) -> list[int]:
     return orphans
 
 
-def _http_post(url: str, timeout: float) -> None:
+def _http_post(url: str, timeout: float) -> bytes:
+    """POST an empty JSON object; the response body (HTTPError, a URLError, on a non-2xx answer)."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
-    with opener.open(urllib.request.Request(url, data=b"{}", method="POST"), timeout=timeout):
-        pass
-
-
-def _http_ok(url: str) -> bool:
-    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
-    try:
-        with opener.open(url, timeout=5.0) as response:
-            return response.status == 200
-    except (urllib.error.URLError, OSError):
-        return False
+    with opener.open(urllib.request.Request(url, data=b"{}", method="POST"), timeout=timeout) as response:
+        return response.read()
 
 
 @dataclass
@@ -425,50 +418,61 @@ class TritonServer:
         self._watchdog.start()
 
     def _watch(self, process: subprocess.Popen, stopped: threading.Event) -> None:
-        """Until stop(): reload the model of a stub that died; once the server is gone, kill its stubs."""
-        known: dict[int, PythonStub] = {}
+        """Until stop(): reload the models whose stub died; once the server is gone, kill its stubs."""
+        seen_dead: set[int] = set()
         while not stopped.wait(WATCH_S):
             if process.poll() is not None:  # reaps it, so its stubs see their server gone
                 reap_group(process.pid)
                 return
-            live = {stub.pid: stub for stub in python_stubs() if stub.server_pid == process.pid}
-            for pid, stub in list(known.items()):
-                status = process_status(pid)
-                if pid not in live and status is not None and status[1] == "Z" and status[2] == process.pid:
-                    # Triton never reaps a stub that crashed; one that stopped with its model is reaped.
-                    del known[pid]
-                    if not stopped.is_set():
-                        self._reload(stub)
-                elif pid not in live:
-                    del known[pid]
-            known.update(live)
+            # Triton never reaps a stub that crashed: a new zombie child means one died.
+            dead = {
+                pid
+                for pid in process_ids()
+                if (status := process_status(pid)) and status[1] == "Z" and status[2] == process.pid
+            }
+            if dead - seen_dead and not stopped.is_set():
+                for model in self._models_without_stub(process.pid):
+                    self._reload(model)
+            seen_dead = dead
 
-    def _reload(self, stub: PythonStub) -> None:
-        """Reload the model of a dead stub if its version is still served (unload, then load: a plain load
-        of an unchanged model is a no-op)."""
-        base = f"http://{self.http_url}/v2"
-        if not _http_ok(f"{base}/models/{stub.model}/versions/{stub.version}/ready"):
-            return  # unloaded meanwhile: nothing to recover
+    def _models_without_stub(self, server_pid: int) -> list[str]:
+        """Python-backend models Triton reports READY although no live stub serves that version."""
+        try:
+            index = json.loads(_http_post(f"http://{self.http_url}/v2/repository/index", timeout=10.0))
+        except (urllib.error.URLError, OSError, ValueError):
+            return []
+        served = {(stub.model, stub.version) for stub in python_stubs() if stub.server_pid == server_pid}
+        root = Path(self.repository)
+        return sorted(
+            {
+                entry["name"]
+                for entry in index
+                if entry.get("state") == "READY"
+                and (root / entry["name"] / str(entry.get("version")) / "model.py").is_file()
+                and (entry["name"], str(entry.get("version"))) not in served
+            }
+        )
+
+    def _reload(self, model: str) -> None:
+        """Reload a model whose stub died: unload, then load (a plain load of an unchanged model is a
+        no-op). Model control 'none' has no load API: then only a warning is left to give."""
         if self.model_control != "explicit":
             print(
-                f"warning: the python-backend stub of model '{stub.model}' died; Triton cannot reload it in "
+                f"warning: the python-backend stub of model '{model}' died; Triton cannot reload it in "
                 "model control 'none': restart the server (or start it with --model-control explicit)",
                 file=sys.stderr,
                 flush=True,
             )
             return
+        base = f"http://{self.http_url}/v2/repository/models/{model}"
         try:
-            _http_post(f"{base}/repository/models/{stub.model}/unload", timeout=60.0)
-            _http_post(f"{base}/repository/models/{stub.model}/load", timeout=self.ready_timeout)
+            _http_post(f"{base}/unload", timeout=60.0)
+            _http_post(f"{base}/load", timeout=self.ready_timeout)
         except (urllib.error.URLError, OSError) as exc:
-            print(f"warning: could not reload model '{stub.model}': {exc}", file=sys.stderr, flush=True)
+            print(f"warning: could not reload model '{model}': {exc}", file=sys.stderr, flush=True)
             return
-        self.reloaded.append(stub.model)
-        print(
-            f"reloaded model '{stub.model}': its python-backend stub (PID {stub.pid}) had died",
-            file=sys.stderr,
-            flush=True,
-        )
+        self.reloaded.append(model)
+        print(f"reloaded model '{model}': its python-backend stub had died", file=sys.stderr, flush=True)
 
     def _read_log(self) -> str:
         assert self.log_file is not None
@@ -601,11 +605,16 @@ def _print_endpoints(server: TritonServer) -> None:
     print(f"  log      {server.log_file}", flush=True)
 
 
-def _start(args: argparse.Namespace) -> int:
-    ports = {
+def requested_ports(args: argparse.Namespace) -> dict[str, int | None]:
+    """Port per protocol: as given, else Triton's default, else (--free-ports) None for a free one."""
+    return {
         protocol: getattr(args, f"{protocol}_port") or (None if args.free_ports else default)
         for protocol, default in DEFAULT_PORTS.items()
     }
+
+
+def _start(args: argparse.Namespace) -> int:
+    ports = requested_ports(args)
     server = TritonServer(
         repository=args.repository,
         http_port=ports["http"],
