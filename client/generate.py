@@ -61,7 +61,8 @@ def read_latents(args: argparse.Namespace, latent_dim: int) -> np.ndarray:
         )
     if not np.issubdtype(latents.dtype, np.number) or np.issubdtype(latents.dtype, np.complexfloating):
         raise UserError(f"{args.latents}: expected real numbers, got {latents.dtype}")
-    latents = latents.astype(np.float32)  # float64 values beyond float32's range become inf here
+    with np.errstate(over="ignore", invalid="ignore"):  # values beyond float32's range become inf here
+        latents = latents.astype(np.float32)
     if not np.isfinite(latents).all():
         raise UserError(f"{args.latents}: latents hold NaN or infinite values (as float32)")
     return latents

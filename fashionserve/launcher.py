@@ -242,7 +242,7 @@ def reap_orphaned_stubs(repository: Path) -> list[int]:
 
 
 def _http_post(url: str, timeout: float) -> bytes:
-    """POST an empty JSON object; the response body (HTTPError, a URLError, on a non-2xx answer)."""
+    """POST an empty JSON object and return the response body; a non-2xx answer raises HTTPError."""
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # never via an http_proxy
     with opener.open(urllib.request.Request(url, data=b"{}", method="POST"), timeout=timeout) as response:
         return response.read()
