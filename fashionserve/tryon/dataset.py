@@ -112,7 +112,7 @@ def _keypoints(path: Path) -> np.ndarray:
     if values.shape != (75,):
         got = f"{values.size} values" if values.ndim == 1 else f"an array of shape {list(values.shape)}"
         raise DatasetError(
-            f"pose keypoints {path}: expected a flat list of 75 values (BODY_25 x,y,c), got {got}"
+            f"pose keypoints {path}: expected 75 values in a flat list (BODY_25 x,y,c), got {got}"
         )
     if not np.isfinite(values).all():
         raise DatasetError(f"pose keypoints {path}: holds NaN or infinite values")
