@@ -25,7 +25,7 @@ sys.path.insert(0, str(PROJECT_ROOT))  # run as a script from a checkout
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from fashionserve.cli import UserError, add_tracking_uri, run  # noqa: E402
+from fashionserve.cli import UserError, add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
     RANDOM_INIT,
@@ -37,9 +37,7 @@ from fashionserve.registry import (  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--alias", default=ALIAS, help="alias the demo gets (default: %(default)s)")
     parser.add_argument(
         "--bundles", type=Path, required=True, metavar="DIR", help="folder the demo bundle is exported into"

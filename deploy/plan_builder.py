@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from fashionserve.cli import add_tracking_uri, run  # noqa: E402
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.plans import PlanError, build_bundle_plans, local_gpu, plan_networks, require_tensorrt  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
@@ -37,9 +37,7 @@ from fashionserve.sync import PLAN_STORE_INDEX, plan_store_dir, publish_plans  #
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--model", default="tryon", help="registered model (default: %(default)s)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(

@@ -42,7 +42,7 @@ from fashionserve.catalogue.quantize import (  # noqa: E402
     quantize_classifier_bundle,
     quantize_generator_bundle,
 )
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.hair.bundle import PIPELINE as HAIR  # noqa: E402
 from fashionserve.hair.quantize import HairQuantizeOptions, quantize_hair_bundle  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
@@ -110,9 +110,7 @@ PIPELINE_OPTIONS[HAIR] = PIPELINE_OPTIONS[TRYON] - {"calibration_dir", "eval_dir
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("bundle", type=Path, help="bundle directory written by export/*.py")
     parser.add_argument(
         "--variants",

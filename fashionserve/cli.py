@@ -32,6 +32,13 @@ def run(main: Callable[[], int | None], expected: tuple[type[BaseException], ...
         sys.exit(2)
 
 
+def command_parser(description: str | None) -> argparse.ArgumentParser:
+    """A CLI's parser whose --help shows its module docstring (examples included) as written."""
+    return argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def add_tracking_uri(parser: argparse.ArgumentParser) -> None:
     """--tracking-uri, defaulting to $MLFLOW_TRACKING_URI or the embedded server's address."""
     parser.add_argument(
@@ -46,9 +53,7 @@ def export_parser(
 ) -> tuple[argparse.ArgumentParser, argparse._ArgumentGroup]:
     """An export CLI's parser: the group "weights" (returned, for the CLI's checkpoint options) with
     --random-init and --seed, then --max-batch and --out. `random_outputs` says what random weights give."""
-    parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(description)
     weights = parser.add_argument_group(weights_title)
     weights.add_argument(
         "--random-init",

@@ -18,14 +18,12 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from fashionserve.cli import add_tracking_uri, run  # noqa: E402
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.registry import ALIAS, RegistryError, connect, promote, rollback  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("model", help="registered model name, e.g. tryon")
     move = parser.add_mutually_exclusive_group(required=True)
     move.add_argument("--version", help="the version to promote")

@@ -19,7 +19,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from fashionserve.cli import add_tracking_uri, run  # noqa: E402
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
     GATE_TAG,
@@ -31,9 +31,7 @@ from fashionserve.registry import (  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("bundle", type=Path, metavar="BUNDLE_DIR", help="a bundle written by export/*.py")
     parser.add_argument(
         "--model",

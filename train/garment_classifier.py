@@ -27,15 +27,13 @@ from fashionserve.catalogue.training import (  # noqa: E402
     save_checkpoint,
     train,
 )
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 
 TARGET_MACRO_F1 = 0.93  # the source paper's average precision/recall/F1
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     defaults = TrainOptions()
     parser.add_argument("--data", type=Path, required=True, help="folder holding the four IDX files")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write")
