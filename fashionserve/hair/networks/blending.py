@@ -117,6 +117,7 @@ class HairMaskMorphology(nn.Module):
         self.steps = steps
         cross = torch.tensor([[0.0, 1.0, 0.0], [1.0, 1.0, 1.0], [0.0, 1.0, 0.0]])
         self.register_buffer("cross", cross.view(1, 1, 3, 3), persistent=False)
+        self.full_sum = float(cross.sum())  # a pixel survives erosion when its whole cross is hair
 
     def _repeat(self, mask: Tensor, threshold: float) -> Tensor:
         for _ in range(self.steps):
@@ -127,7 +128,7 @@ class HairMaskMorphology(nn.Module):
         return self._repeat(mask, 0.5)
 
     def erode(self, mask: Tensor) -> Tensor:
-        return self._repeat(mask, float(self.cross.sum()) - 0.5)
+        return self._repeat(mask, self.full_sum - 0.5)
 
 
 class ColorBlending(nn.Module):
