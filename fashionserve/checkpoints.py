@@ -254,10 +254,11 @@ def read_torchscript_state_dict(path: Path) -> dict[str, Tensor]:
     def collect(record: object, prefix: str) -> None:
         if not isinstance(record, _ScriptObject) or not isinstance(getattr(record, "state", None), dict):
             raise CheckpointError(f"{path}: module {prefix or '<root>'} is not a TorchScript module record")
-        if record.qualified_name not in declarations:
-            raise CheckpointError(f"{path}: no class declaration for {record.qualified_name} in code/")
         attributes = record.state
-        for name in declarations[record.qualified_name]:
+        # Without a readable declaration (an archive format we have not seen), every tensor attribute
+        # counts; strict loading afterwards names any that the network does not have.
+        names = declarations.get(record.qualified_name, list(attributes))
+        for name in names:
             if torch.is_tensor(attributes.get(name)):
                 state_dict[prefix + name] = attributes[name]
         for name, value in attributes.items():

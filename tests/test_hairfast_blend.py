@@ -274,6 +274,21 @@ def test_torchscript_reader_equals_jit_state_dict(clip_archive):
         assert actual[key].dtype == value.dtype and torch.equal(actual[key], value), key
 
 
+def test_torchscript_reader_without_declarations_takes_every_tensor_attribute(clip_archive, tmp_path):
+    """An archive whose code/ cannot be read: all tensor attributes, which for this module (no plain
+    tensor attributes) is still the state dict."""
+    path, _ = clip_archive
+    stripped = tmp_path / "no_code.pt"
+    with zipfile.ZipFile(path) as source, zipfile.ZipFile(stripped, "w") as target:
+        for entry in source.namelist():
+            if "/code/" not in entry:
+                target.writestr(entry, source.read(entry))
+    expected = read_torchscript_state_dict(path)
+    actual = read_torchscript_state_dict(stripped)
+    assert sorted(actual) == sorted(expected)
+    assert all(torch.equal(actual[key], value) for key, value in expected.items())
+
+
 def test_clip_encoder_loads_archive_and_state_dict_files(clip_archive, tmp_path):
     path, tower = clip_archive
     x = images(2, seed=11)
