@@ -22,6 +22,7 @@ from fashionserve.hair.networks.blending import (
     ColorBlending,
     HairMaskMorphology,
     load_blending_checkpoint,
+    load_color_blending,
 )
 from fashionserve.hair.networks.clip_image import (
     ClipImageEncoder,
@@ -302,6 +303,25 @@ def test_clip_encoder_loads_archive_and_state_dict_files(clip_archive, tmp_path)
         from_state_dict = load_clip_image_encoder(plain, ClipImageEncoder(**TINY_CLIP))(x)
     torch.testing.assert_close(from_archive, expected, rtol=0, atol=2e-5)
     assert from_archive.dtype == torch.float32 and torch.equal(from_archive, from_state_dict)
+
+
+def test_color_blending_loads_both_released_files(clip_archive, tmp_path):
+    path, tower = clip_archive
+    model = tiny_reference_blending(seed=19)
+    model.clip_model = tower
+    blending_file = tmp_path / "checkpoint.pth"
+    trained = {k: v for k, v in model.state_dict().items() if not k.startswith("clip_model.")}
+    torch.save({"model_state_dict": trained}, blending_file)
+    network = ColorBlending(ClipImageEncoder(**TINY_CLIP), tiny_encoder())
+    loaded = load_color_blending(blending_file, path, network)
+    inputs = blending_inputs(1, seed=20)
+    face = {"S": inputs["latent_face"], "image_norm_256": inputs["face_image"]}
+    color = {"S": inputs["latent_color"], "image_norm_256": inputs["color_image"]}
+    expected = reference.blend_latents(
+        model, face, color, inputs["face_labels"], inputs["color_labels"], inputs["target_hair"]
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*ours_inputs(inputs)), expected, rtol=0, atol=2e-5)
 
 
 def test_clip_loader_names_missing_unexpected_and_misshaped_keys(clip_archive, tmp_path):

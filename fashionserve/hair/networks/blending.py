@@ -192,8 +192,12 @@ def load_blending_checkpoint(path: Path, encoder: BlendingEncoder | None = None)
     return encoder.eval()
 
 
-def load_color_blending(blending_path: Path, clip_path: Path, smooth: int = SMOOTH_STEPS) -> ColorBlending:
-    """The public colour step from HairFastGAN's `Blending/checkpoint.pth` and OpenAI's `ViT-B-32.pt`."""
-    return ColorBlending(
-        load_clip_image_encoder(clip_path), load_blending_checkpoint(blending_path), smooth
-    ).eval()
+def load_color_blending(
+    blending_path: Path, clip_path: Path, network: ColorBlending | None = None
+) -> ColorBlending:
+    """The colour step from HairFastGAN's `Blending/checkpoint.pth` and OpenAI's `ViT-B-32.pt`, strictly
+    loaded into `network` (default: the public configuration)."""
+    network = network if network is not None else ColorBlending()
+    load_clip_image_encoder(clip_path, network.clip)
+    load_blending_checkpoint(blending_path, network.encoder)
+    return network.eval()
