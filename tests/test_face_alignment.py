@@ -125,6 +125,10 @@ def test_eye_centres_land_on_the_recipe_positions(aligner, astronaut):
     found = aligner.find_faces(aligned.crop)
     assert len(found) == 1
     assert np.abs(eye_centres(found[0].landmarks) - expected).max() < 3
+    # a crop much smaller than the face is made from a shrunk photo (the recipe's first step): same view
+    small = warp_to_crop(astronaut, aligned.alignment, 32).astype(int)
+    scaled = np.asarray(Image.fromarray(aligned.crop).resize((32, 32), Image.LANCZOS))
+    assert np.abs(small - scaled).mean() < 4
 
 
 def test_rotated_and_scaled_photo_gives_the_same_crop(aligner, astronaut):
