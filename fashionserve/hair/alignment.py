@@ -312,7 +312,7 @@ def paste_back(photo: np.ndarray, crop: np.ndarray, alignment: Alignment, mask: 
         return photo.copy()
     # Shrink the crop to about its size in the photo first, so that sampling it does not alias.
     side = max(1, min(len(crop), round(alignment.side)))
-    image, weight = Image.fromarray(crop), Image.fromarray(mask.astype(np.float32), mode="F")
+    image, weight = Image.fromarray(crop), Image.fromarray(mask.astype(np.float32))  # mode F
     if side < len(crop):
         image, weight = image.resize((side, side), Image.LANCZOS), weight.resize((side, side), Image.BILINEAR)
     to_crop = alignment.photo_to_crop(side) @ np.array([[1, 0, left], [0, 1, top], [0, 0, 1]])
