@@ -190,7 +190,7 @@ def test_only_pixels_the_server_changed_are_pasted(aligner, astronaut):
 
 
 def test_a_face_at_the_edge_is_padded_like_ffhq(aligner, astronaut):
-    corner = astronaut[90:, 185:]  # the square reaches past the top and left edges
+    corner = astronaut[90:, 185:]  # the square reaches past the top and left edges; a strided view
     aligned = aligner.align(corner, 128, "corner")
     assert (aligned.alignment.corners.min(0) < 0).all()
     crop = aligned.crop.astype(int)

@@ -229,6 +229,7 @@ class FaceAligner:
 
     def find_faces(self, photo: np.ndarray) -> list[Face]:
         """Confirmed faces with their 68 landmarks, largest first."""
+        photo = np.ascontiguousarray(photo)  # dlib misreads strided views (e.g. a slice of a photo)
         height, width = photo.shape[:2]
         scale = min(1.0, DETECT_SIDE / max(height, width))
         small = photo
