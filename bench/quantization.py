@@ -111,8 +111,8 @@ def write_section(doc: Path, section: str, text: str) -> None:
 
 def _bundle(size: str, work: Path, log: Callable[[str], None]) -> Path:
     """A random-init bundle of `size` with both variants, made once under `work` and reused after."""
-    from fashionserve.quantization import QuantizeOptions, quantize_bundle
     from fashionserve.tryon.bundle import export_bundle, load_networks, read_manifest
+    from fashionserve.tryon.quantize import QuantizeOptions, quantize_bundle
 
     bundle = work / f"tryon-{size}"
     if not bundle.is_dir():
@@ -133,8 +133,9 @@ def bench_onnxruntime(
     calls run in rounds that alternate the variants, so background load hits them alike."""
     import torch
 
-    from fashionserve.quantization import OnnxPipeline, open_session
+    from fashionserve.quantization import open_session
     from fashionserve.tryon.bundle import STAGES, read_manifest, stage_inputs
+    from fashionserve.tryon.quantize import OnnxPipeline
 
     bundle = _bundle(size, work, log)
     manifest = read_manifest(bundle)

@@ -17,8 +17,8 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.catalogue.classifier import CLASSES, UPPER_BODY  # noqa: E402
 from fashionserve.catalogue.gate import GATE_MODEL  # noqa: E402
+from fashionserve.catalogue.networks.classifier import CLASSES, UPPER_BODY  # noqa: E402
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 

@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.bundle import read_manifest  # noqa: E402
-from fashionserve.catalogue.bundles import CLASSIFIER, GENERATOR  # noqa: E402
+from fashionserve.catalogue.bundle import CLASSIFIER, GENERATOR  # noqa: E402
 from fashionserve.catalogue.quantize import (  # noqa: E402
     DEFAULT_MAX_PROBABILITY_ERROR,
     DEFAULT_MAX_SWD,
@@ -53,14 +53,13 @@ from fashionserve.quantization import (  # noqa: E402
     VARIANTS,
     GateFailure,
     QuantizationError,
-    QuantizeOptions,
     Thresholds,
     gate_failures,
-    quantize_bundle,
     silence_onnxruntime_quantization_logs,
 )
 from fashionserve.tryon.bundle import ENSEMBLE as TRYON  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError  # noqa: E402
+from fashionserve.tryon.quantize import QuantizeOptions, quantize_bundle  # noqa: E402
 
 DRAWN = "samples"
 PIPELINES = (TRYON, GENERATOR, CLASSIFIER, HAIR)

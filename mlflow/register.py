@@ -19,7 +19,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import add_tracking_uri, run  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
     GATE_TAG,
@@ -27,7 +27,6 @@ from fashionserve.registry import (  # noqa: E402
     RegistryError,
     connect,
     register_bundle,
-    tracking_uri_default,
 )
 
 
@@ -40,11 +39,7 @@ def parse_args() -> argparse.Namespace:
         "--model",
         help="registered model name (default: the bundle's pipeline: tryon, garment_classifier, ...)",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=tracking_uri_default(),
-        help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
-    )
+    add_tracking_uri(parser)
     return parser.parse_args()
 
 

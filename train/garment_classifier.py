@@ -6,7 +6,7 @@ the test split and writes a checkpoint that export/garment_classifier.py turns i
 
 Examples:
   python train/garment_classifier.py --data ~/fashion-mnist --out work/classifier.pt
-  python -m fashionserve.catalogue.synthetic work/fmnist-drawn && \\
+  python -m fashionserve.catalogue.samples work/fmnist-drawn && \\
       python train/garment_classifier.py --data work/fmnist-drawn --epochs 3 --out work/classifier-drawn.pt
 """
 
@@ -19,8 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.catalogue.classifier import ClassifierConfig  # noqa: E402
 from fashionserve.catalogue.data import DataError, load_split, official_files  # noqa: E402
+from fashionserve.catalogue.networks.classifier import ClassifierConfig  # noqa: E402
 from fashionserve.catalogue.training import (  # noqa: E402
     TrainOptions,
     format_report,

@@ -3,7 +3,7 @@
 They exist to prove the training loop, the export and the try-on gate end to end without the real
 data (which is never downloaded); a classifier trained on them means nothing on real garments.
 
-    python -m fashionserve.catalogue.synthetic OUT_DIR [--train 2000 --test 500 --seed 0]
+    python -m fashionserve.catalogue.samples OUT_DIR [--train 2000 --test 500 --seed 0]
 """
 
 import argparse
