@@ -24,7 +24,14 @@ from fashionserve.mlflow_server import MlflowServer
 from fashionserve.plans import HEAVY_NETWORKS, Gpu, plan_file_name, record_plan
 from fashionserve.registry import RANDOM_INIT, RegistryError, bundle_digest, connect, download_bundle
 from fashionserve.repository import PRECISIONS, TRACKED_REPOSITORY, ensemble_steps, read_config
-from fashionserve.sync import PLAN_STORE_INDEX, _stage, plan_store_dir, publish_plans
+from fashionserve.sync import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    PLAN_STORE_INDEX,
+    _stage,
+    plan_store_dir,
+    publish_plans,
+)
 from tests.conftest import PROJECT_ROOT, run_cli
 
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
@@ -41,7 +48,6 @@ SMALL_EXPORT = ["--condition-resolution", "128x96", "--condition-ngf", "8", "--i
 SMALL_EXPORT += ["--spade-hidden", "16"]
 _VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 _MODEL_ENDPOINT = re.compile(r"^/v2/models/([\w-]+)/ready$")
-ADMIN_HEADER, ADMIN_KEY_ENV = "fashionserve-admin-key", "TRITON_ADMIN_KEY"  # TODO: from fashionserve.sync
 RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
 MIN_SYNC_GRACE_S = 120
 TRITON_CLIENT_LABEL = "fashionserve.io/triton-client"
@@ -1010,7 +1016,7 @@ def test_sync_renders_the_gpu_target_from_the_plan_store(mlflow_server, bootstra
         stage("without-plans")
 
     # what the plan builder does after TensorRT built the plans into its download
-    bundle, _, manifest = download_bundle(client, model_version, tmp_path / "builder")
+    bundle, manifest = download_bundle(client, model_version, tmp_path / "builder")
     dest = plan_store_dir(store, "tryon", bundle_digest(bundle))
     assert bundle_digest(bundle) == model_version.tags["bundle_sha256"]
     assert not plan_builder.already_built(dest, list(HEAVY_NETWORKS), "fp32", "9.0", "10.13.3.9")

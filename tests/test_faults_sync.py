@@ -251,7 +251,7 @@ def crafted_file_path(bundle: Path, manifest: dict, tmp: Path) -> None:
 
 
 CRAFTED = {
-    "step ../outside in the artifact's configs": (crafted_traversal_step, ""),
+    "step ../outside in the artifact's configs": (crafted_traversal_step, "not a valid model name"),
     "ensemble named ../outside": (crafted_ensemble_name, "not a valid model name"),
     "file outside the bundle": (crafted_file_path, "outside the bundle"),
 }
@@ -332,7 +332,10 @@ MOMENTS = {
 }
 FAULTS = [
     *((signal.SIGKILL, moment) for moment in MOMENTS),
-    *((signal.SIGTERM, moment) for moment in ("staged", "composing load requested", "ensemble switch requested")),
+    *(
+        (signal.SIGTERM, moment)
+        for moment in ("staged", "composing load requested", "ensemble switch requested")
+    ),
 ]
 
 
@@ -378,7 +381,13 @@ def test_a_load_that_times_out_is_one_line_and_rolled_back(
     registry.promote(client, MODEL, versions[target])
     command = sync_command(served, mlflow_server, "--load-timeout", "0.001")
     result = subprocess.run(
-        command, cwd=PROJECT_ROOT, env=sync_env(temp), capture_output=True, text=True, timeout=300, check=False
+        command,
+        cwd=PROJECT_ROOT,
+        env=sync_env(temp),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert_one_line_error(result, "Triton")
     assert serving(served, outputs, latents) == first
