@@ -524,10 +524,11 @@ def _finish_interrupted(
     if live is not None:  # Triton drops what the repository no longer has and keeps the live version
         served = _served_contracts(entry, name)
         errors = [error for error in map(triton.load, served) if error]
-        if errors or not triton.wait_settled([*served, *models]):
+        settled = triton.wait_settled([*served, *models])
+        if not settled or not all(triton.ready(ensemble, live) for ensemble in served):
             raise RegistryError(
                 f"rolled back Triton version {version} of '{name}', but Triton did not reload version "
-                f"{live}: {next(iter(errors), 'still loading')}"
+                f"{live}: {next(iter(errors), 'not ready')}"
             )
     _write_state(repository, name, {k: v for k, v in entry.items() if k != "pending"})
     log(f"rolled back Triton version {version} of '{name}'" + (f"; version {live} serves" if live else ""))
@@ -584,6 +585,9 @@ def _stage(
 
 def _load_ready(triton: TritonControl, name: str, version: int, what: str) -> None:
     error = triton.load(name)
+    if error:  # a call that timed out or lost its connection did not stop Triton: see where it got to
+        triton.wait_settled([name])
+        error = None if triton.ready(name, version) else error
     if error or not triton.ready(name, version):
         raise RegistryError(f"Triton could not load {what}: {error or 'not ready after loading'}")
 
@@ -612,6 +616,8 @@ def _swap(
     # and cannot fail because of them.
     log(f"loading the composing models of Triton version {version}")
     errors = [error for error in map(triton.load, ensembles) if error]
+    if errors:  # e.g. a load call that timed out: Triton goes on loading, wait for it
+        triton.wait_settled([*ensembles, *composing])
     for model in composing:
         if not triton.ready(model, version):
             reason = triton.versions(model).get(version, ("", ""))[1] or next(iter(errors), "not ready")

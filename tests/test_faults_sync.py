@@ -400,7 +400,7 @@ def test_a_load_that_times_out_is_one_line_and_rolled_back(
     )  # fmt: skip
     if result.returncode != 0:
         one_line_error(result, "Triton")
-        assert serving(served, outputs, latents) == first
+        assert serving(served, outputs, latents) == first, (result.stdout, result.stderr)
     assert "Traceback" not in result.stdout + result.stderr
     assert sync(served, mlflow_server, temp).returncode == 0
     assert serving(served, outputs, latents) == target
