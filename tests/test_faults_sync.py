@@ -377,7 +377,10 @@ def test_a_sync_killed_or_stopped_mid_swap_fails_no_request(
         deadline = time.monotonic() + 30
         while len(traffic.results) < after_fault + 3 and time.monotonic() < deadline:
             time.sleep(0.1)  # a few requests after the next sync
-    print(f"\n{fault.name} at {moment}: {process.lines[-2:]}; then {result.stdout.strip().splitlines()[-1]}")
+    print(
+        f"\n{fault.name} at {moment}: {len(traffic.results)} requests, {len(traffic.failures)} failed; "
+        f"sync said {process.lines[-1].strip()!r}, the next one {result.stdout.strip().splitlines()[-1]!r}"
+    )
     assert now in (first, target)
     assert serving(served, outputs, latents) == target
     assert state(served)["mlflow_version"] == versions[target]

@@ -118,10 +118,15 @@ def close_to(served_output: np.ndarray, reference: np.ndarray) -> bool:
 
 
 def listing(repository: Path) -> dict[str, bytes]:
-    """Every file of the served repository with its content (byte-exact comparisons)."""
-    return {
+    """Every file of the served repository with its content (byte-exact comparisons), but the sync
+    state's count of Triton version numbers handed out (a rolled-back version takes one too)."""
+    files = {
         str(p.relative_to(repository)): p.read_bytes() for p in sorted(repository.rglob("*")) if p.is_file()
     }
+    if STATE_FILE in files:
+        state = json.loads(files[STATE_FILE])
+        files[STATE_FILE] = json.dumps({k: {**v, "last_version": None} for k, v in state.items()}).encode()
+    return files
 
 
 def live_version(client) -> str | None:
