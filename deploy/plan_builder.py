@@ -88,7 +88,7 @@ def main() -> None:
         raise RegistryError(f"'{args.model}' {which}: {exc.message.splitlines()[0]}") from None
     print(f"'{args.model}' version {model_version.version}: downloading", flush=True)
     with tempfile.TemporaryDirectory(prefix="fashionserve-plans-") as tmp:
-        bundle, _, manifest = download_bundle(client, model_version, Path(tmp))
+        bundle, manifest = download_bundle(client, model_version, Path(tmp))
         store = plan_store_dir(args.plans, args.model, bundle_digest(bundle))
         networks = plan_networks(manifest)
         if already_built(store, networks, args.variant, gpu.compute_capability, tensorrt_version):

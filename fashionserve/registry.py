@@ -1,9 +1,14 @@
 """The MLflow registry of bundles (the live Triton side is `fashionserve.sync`).
 
 - register: a bundle is validated (manifest, every listed file present, sha256 as recorded, ONNX
-  checker, renders against the Triton configs), then logged as one run (all files, the source Triton
-  configs, metrics, tags) and registered as the next version of the registered model named after its
-  pipeline. Nothing is logged or registered before validation passed.
+  checker, renders against the Triton configs), then logged as one run (exactly the files the manifest
+  lists, the tracked Triton configs for the record, metrics, tags) and registered as the next version
+  of the registered model named after its pipeline. Nothing is logged or registered before validation
+  passed.
+
+A registered version is data from the network (MLflow has no auth): every name it gives must be a
+plain model name (MODEL_NAME) of an ensemble we track, every file a regular file inside the bundle
+named by a relative path without symlinks. Served configs never come from a version (see sync).
 - promote / rollback: the alias `production` names the promoted version; every move is appended to a
   registered-model tag, so a rollback returns exactly to the previous holder.
 - download: a registered version comes back as a bundle folder, validated again.
@@ -13,13 +18,14 @@ import contextlib
 import hashlib
 import json
 import logging
+import re
 import shutil
 import tempfile
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
 import onnx
@@ -45,6 +51,9 @@ CONFIG_ARTIFACTS = "model_repository"
 GATE_TAG = "quality_gate"
 GATE_FORCED_TAG = "quality_gate_forced"
 _HISTORY_LIMIT = 100
+# Registered model, ensemble and Triton model names: they become folder names in the served repository.
+MODEL_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+_COMPUTE_CAPABILITY = re.compile(r"[0-9]{1,2}\.[0-9]{1,2}")
 
 
 class RegistryError(Exception):
@@ -99,7 +108,7 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _listed_files(manifest: dict) -> Iterator[tuple[str, str | None]]:
+def listed_files(manifest: dict) -> Iterator[tuple[str, str | None]]:
     """(bundle-relative path, recorded sha256 or None) of every file the manifest names."""
     for model in manifest["models"].values():
         yield model["file"], model.get("sha256")
@@ -111,10 +120,51 @@ def _listed_files(manifest: dict) -> Iterator[tuple[str, str | None]]:
             yield plan["file"], plan.get("sha256")
 
 
+def check_model_name(name: object, what: str) -> str:
+    """`name` if it is a plain model name (a folder name in the served repository); RegistryError if not."""
+    if not isinstance(name, str) or not MODEL_NAME.fullmatch(name):
+        raise RegistryError(f"{what} {name!r} is not a valid model name (lowercase letters, digits, _)")
+    return name
+
+
+def bundle_path(root: Path, relative: object, label: str) -> Path:
+    """root/relative for a path a manifest names: relative, made of plain names, no symlink on the way
+    (`root` resolved); RegistryError otherwise."""
+    path = PurePosixPath(relative) if isinstance(relative, str) else PurePosixPath("/")
+    if not relative or path.is_absolute() or ".." in path.parts:
+        raise RegistryError(f"{label}: the manifest names {relative!r}, which lies outside the bundle")
+    file = root.joinpath(*path.parts)
+    if file.resolve() != file:
+        raise RegistryError(
+            f"{label}: {relative} is or lies under a symlink; a bundle holds regular files only"
+        )
+    return file
+
+
+def _check_names(manifest: dict, label: str) -> None:
+    """Every name the manifest gives is a plain model name, and every ensemble one we track."""
+    if not isinstance(manifest["models"], dict) or not isinstance(manifest.get("ensembles", {}), dict):
+        raise RegistryError(f"{label}: {MANIFEST} has models or ensembles that are not JSON objects")
+    check_model_name(manifest["pipeline"], f"{label}: pipeline")
+    for name in manifest["models"]:
+        check_model_name(name, f"{label}: model")
+    for name in pipeline_ensembles(manifest):
+        check_model_name(name, f"{label}: ensemble")
+        config = TRACKED_REPOSITORY / name / "config.pbtxt"
+        if not config.is_file() or read_config(config).platform != "ensemble":
+            raise RegistryError(f"{label}: serves ensemble '{name}', which model_repository/ does not have")
+    for network, plans in manifest.get("plans", {}).items():
+        check_model_name(network, f"{label}: plan network")
+        for plan in plans:
+            if not _COMPUTE_CAPABILITY.fullmatch(str(plan.get("compute_capability"))):
+                raise RegistryError(f"{label}: plan {plan.get('file')!r} has no valid compute capability")
+
+
 def validate_bundle(bundle_dir: Path, label: str | None = None) -> dict:
-    """The bundle's manifest, once every file it lists exists inside the bundle, matches its recorded
-    sha256 and (ONNX) passes the ONNX checker; RegistryError naming the first problem otherwise.
-    `label` names the bundle in messages (default: its folder)."""
+    """The bundle's manifest, once its names are plain model names of tracked ensembles and every file
+    it lists is a regular file inside the bundle (no symlink), matches its recorded sha256 and (ONNX)
+    passes the ONNX checker; RegistryError naming the first problem otherwise. `label` names the bundle
+    in messages (default: its folder)."""
     label = label or f"bundle {bundle_dir}"
     path = bundle_dir / MANIFEST
     if not bundle_dir.is_dir():
@@ -128,14 +178,13 @@ def validate_bundle(bundle_dir: Path, label: str | None = None) -> dict:
     missing = [key for key in ("pipeline", "models", "max_batch_size") if key not in manifest]
     if missing:
         raise RegistryError(f"{label}: {MANIFEST} lacks {', '.join(missing)}")
+    _check_names(manifest, label)
     partial = sorted(p.relative_to(bundle_dir).as_posix() for p in bundle_dir.rglob("*.partial"))
     if partial:
         raise RegistryError(f"{label} is still being written ({partial[0]} exists)")
     root = bundle_dir.resolve()
-    for relative, sha256 in _listed_files(manifest):
-        file = (root / relative).resolve()
-        if not file.is_relative_to(root):
-            raise RegistryError(f"{label}: the manifest names {relative}, which lies outside the bundle")
+    for relative, sha256 in listed_files(manifest):
+        file = bundle_path(root, relative, label)
         if not file.is_file():
             raise RegistryError(f"{label}: {relative} (listed in the manifest) is missing")
         if sha256 is not None and file_sha256(file) != sha256:
@@ -235,6 +284,15 @@ def _bundle_params(manifest: dict) -> dict[str, str]:
     return params
 
 
+def _copy_listed(bundle_dir: Path, manifest: dict, dest: Path) -> None:
+    """Copy the manifest and the files it lists (validated: regular, inside the bundle) into `dest`."""
+    root = bundle_dir.resolve()
+    for relative in dict.fromkeys([MANIFEST, *(file for file, _ in listed_files(manifest))]):
+        target = dest.joinpath(*PurePosixPath(relative).parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(bundle_path(root, relative, f"bundle {bundle_dir}"), target, follow_symlinks=False)
+
+
 def _experiment_id(client: MlflowClient, name: str) -> str:
     experiment = client.get_experiment_by_name(name)
     return experiment.experiment_id if experiment else client.create_experiment(name)
@@ -253,13 +311,18 @@ def register_bundle(
             f"bundle {bundle_dir} is the '{pipeline}' pipeline; register it as --model {pipeline}"
         )
     with tempfile.TemporaryDirectory(prefix="fashionserve-register-") as tmp:
+        # Exactly the files the manifest lists, copied and validated again: what is uploaded is what was
+        # checked, and nothing else in the folder (a symlink to a host file, scratch files) goes along.
+        upload = Path(tmp) / BUNDLE_ARTIFACTS
+        _copy_listed(bundle_dir, manifest, upload)
+        manifest = validate_bundle(upload, f"bundle {bundle_dir}")
         configs = Path(tmp) / CONFIG_ARTIFACTS
         _source_configs(pipeline_ensembles(manifest), TRACKED_REPOSITORY, configs)
         try:  # the check sync will need: the bundle renders against the configs it is logged with
-            render_repository(bundle_dir, manifest, Path(tmp) / "rendered", target="cpu", source=configs)
+            render_repository(upload, manifest, Path(tmp) / "rendered", target="cpu", source=configs)
         except RenderError as exc:
             raise RegistryError(f"bundle {bundle_dir} does not fit the Triton configs: {exc}") from None
-        tags = bundle_tags(manifest, bundle_digest(bundle_dir))
+        tags = bundle_tags(manifest, bundle_digest(upload))
         log(f"bundle {bundle_dir} is valid ({len(manifest['models'])} models, quality gate {tags[GATE_TAG]})")
         with mlflow_errors(f"registering {bundle_dir}"):
             run = client.create_run(
@@ -276,7 +339,7 @@ def register_bundle(
                     params=[Param(k, v) for k, v in _bundle_params(manifest).items()],
                 )
                 log(f"uploading {bundle_dir} to run {run_id}")
-                client.log_artifacts(run_id, str(bundle_dir), BUNDLE_ARTIFACTS)
+                client.log_artifacts(run_id, str(upload), BUNDLE_ARTIFACTS)
                 client.log_artifacts(run_id, str(configs), CONFIG_ARTIFACTS)
                 client.set_terminated(run_id)
                 try:
@@ -368,18 +431,20 @@ def rollback(client: MlflowClient, name: str, alias: str = ALIAS) -> str:
     return f"'{name}' alias '{alias}' rolled back to version {target} (was version {current})"
 
 
-def download_bundle(client: MlflowClient, model_version: ModelVersion, dest: Path) -> tuple[Path, Path, dict]:
-    """Download a registered version into `dest` and validate it again (a corrupted artifact stops
-    here); returns (bundle dir, Triton configs dir, manifest)."""
+def download_bundle(client: MlflowClient, model_version: ModelVersion, dest: Path) -> tuple[Path, dict]:
+    """Download a registered version's bundle into `dest` and validate it again (a corrupted or crafted
+    artifact stops here); returns (bundle dir, manifest). The Triton configs logged with it are a record
+    only: served configs are rendered from the tracked ones."""
     if not model_version.run_id:
         raise RegistryError(
             f"version {model_version.version} has no run: it was not registered by register.py"
         )
     with mlflow_errors(f"downloading version {model_version.version}"):
-        bundle = client.download_artifacts(model_version.run_id, BUNDLE_ARTIFACTS, str(dest))
-        configs = client.download_artifacts(model_version.run_id, CONFIG_ARTIFACTS, str(dest))
+        bundle = Path(client.download_artifacts(model_version.run_id, BUNDLE_ARTIFACTS, str(dest)))
     label = f"'{model_version.name}' version {model_version.version} in MLflow"
-    return Path(bundle), Path(configs), validate_bundle(Path(bundle), label)
+    if not bundle.resolve().is_relative_to(dest.resolve()):
+        raise RegistryError(f"{label}: its bundle was downloaded outside {dest}")
+    return bundle, validate_bundle(bundle, label)
 
 
 def bundle_digest(bundle_dir: Path) -> str:

@@ -18,15 +18,33 @@ How the swap stays exact and never fails a request (Triton 2.51, explicit model 
 - The python backend compiles `model.py` on import; a `__pycache__` written into a version dir would
   make Triton see the model as modified and reload it on every later load. Version dirs are written
   with their bytecode already compiled.
+
+How it stays safe when it is killed or stopped at any moment:
+- Served configs are rendered from the tracked configs (model_repository/), never from a version's
+  artifacts, and every name a version gives is validated (fashionserve.registry): nothing a registered
+  version says can place a file outside the served repository.
+- A journal in the state file (`pending`: the Triton version being swapped in, its models, the folders
+  it created) is written before the served repository changes; each config it replaces is kept beside
+  it (CONFIG_BACKUP). Every sync starts by finishing that journal: it keeps the new version if Triton
+  already serves it, else rolls it back (version dirs removed, configs restored, live ensembles
+  reloaded). Only versions a state records count: the live one and, for composing models, the one
+  before it; any other version dir is removed once Triton has settled, so a killed sync's leftovers
+  never shift the two-version window. Downloads go to one temp folder per repository (work_dir),
+  emptied at every start.
+- A stop (SIGTERM, Ctrl-C: request_stop) is deferred to the next safe point: after a step Triton has
+  finished, the swap is rolled back (or, once the ensembles switched, finished), so Triton serves one
+  version when the process exits.
 """
 
 import contextlib
 import fcntl
+import hashlib
 import importlib.util
 import json
 import py_compile
 import shutil
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -38,7 +56,7 @@ import tritonclient.http as httpclient
 from mlflow.entities.model_registry import ModelVersion
 from mlflow.tracking import MlflowClient
 from tritonclient.grpc import model_config_pb2 as mc
-from tritonclient.utils import InferenceServerException, np_to_triton_dtype
+from tritonclient.utils import np_to_triton_dtype
 
 from fashionserve.plans import record_plan
 from fashionserve.registry import (
@@ -46,6 +64,8 @@ from fashionserve.registry import (
     GATE_FORCED_TAG,
     RegistryError,
     bundle_digest,
+    bundle_path,
+    check_model_name,
     download_bundle,
     file_sha256,
     first_line,
@@ -54,6 +74,7 @@ from fashionserve.registry import (
 )
 from fashionserve.repository import (
     RenderError,
+    ensemble_steps,
     pipeline_ensembles,
     read_config,
     render_repository,
@@ -65,11 +86,18 @@ TRITON_VERSION_TAG = "triton.version"
 LIVE_VERSION_TAG = "triton.live_version"  # on the registered model
 STATE_FILE = ".fashionserve-sync.json"  # in the served repository; Triton only looks at folders
 LOCK_FILE = ".fashionserve-sync.lock"
+CONFIG_BACKUP = ".config.pbtxt.previous"  # in a model folder while a swap replaces its config
 PLAN_STORE_INDEX = "plans.json"
+# Triton's model-control API answers only requests with this header when it runs with
+# --http-restricted-api / --grpc-restricted-protocol model-repository:<ADMIN_HEADER>=<key> (k8s, compose).
+ADMIN_HEADER = "fashionserve-admin-key"
+ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"  # where mlflow/sync.py reads the key from
 COMPOSING_VERSIONS = 2  # the live version and the one before it, see the module docstring
 CHECK_DYNAMIC_SIZE = 32  # size of a dynamic input dimension (e.g. any image height) in the post-load check
 _SETTLE_TIMEOUT_S = 60.0
+_QUERY_TIMEOUT_S = 60.0  # every Triton call but a load
 _POLL_S = 0.2
+_stop = threading.Event()
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -84,13 +112,44 @@ class SyncResult:
     seconds: float
 
 
-class _Triton:
-    """The repository API and readiness checks of one Triton server, with one-line errors."""
+class SyncStopped(RegistryError):
+    """A stop request ended the sync at a safe point; the message says which version Triton serves."""
 
-    def __init__(self, url: str, load_timeout: float):
+
+def request_stop() -> None:
+    """Ask the running sync to stop at its next safe point (callable from a signal handler)."""
+    _stop.set()
+
+
+def stop_requested(wait: float = 0.0) -> bool:
+    """Whether a stop was requested, waiting up to `wait` seconds for one."""
+    return _stop.wait(wait) if wait > 0 else _stop.is_set()
+
+
+def _checkpoint(message: str) -> None:
+    if _stop.is_set():
+        raise SyncStopped(message)
+
+
+def work_dir(repository: Path) -> Path:
+    """The temp folder of syncs into `repository` (one per repository, emptied at every start, so a
+    killed sync's download does not stay behind)."""
+    key = hashlib.sha256(str(repository.resolve()).encode()).hexdigest()[:12]
+    return Path(tempfile.gettempdir()) / f"fashionserve-sync-{key}"
+
+
+class TritonControl:
+    """The repository API and readiness checks of one Triton server, with one-line errors. Sends the
+    admin key header (ADMIN_HEADER) when given one."""
+
+    def __init__(self, url: str, load_timeout: float, admin_key: str | None = None):
         self.url = url
+        self.headers = {ADMIN_HEADER: admin_key} if admin_key else None
         try:
             self.client = httpclient.InferenceServerClient(
+                url, connection_timeout=10.0, network_timeout=_QUERY_TIMEOUT_S
+            )
+            self.loader = httpclient.InferenceServerClient(
                 url, connection_timeout=10.0, network_timeout=load_timeout
             )
             live = self.client.is_server_live()
@@ -102,8 +161,8 @@ class _Triton:
     def versions(self, model: str) -> dict[int, tuple[str, str]]:
         """Version -> (state, reason) of `model` as Triton's repository index reports it."""
         try:
-            index = self.client.get_model_repository_index()
-        except InferenceServerException as exc:
+            index = self.client.get_model_repository_index(headers=self.headers)
+        except Exception as exc:  # a refusal, a lost connection or a timeout: one line all the same
             raise RegistryError(f"Triton at {self.url}: {first_line(exc)}") from None
         return {
             int(entry["version"]): (entry.get("state", ""), entry.get("reason", ""))
@@ -114,21 +173,22 @@ class _Triton:
     def ready(self, model: str, version: int) -> bool:
         try:
             return self.client.is_model_ready(model, str(version))
-        except InferenceServerException:
+        except Exception:  # not ready as far as anyone can tell
             return False
 
     def load(self, model: str) -> str | None:
-        """Ask Triton to (re)load `model`; its error message, or None."""
+        """Ask Triton to (re)load `model`; its error message (a refusal, or e.g. the call timing out
+        while Triton goes on loading), or None."""
         try:
-            self.client.load_model(model)
-        except InferenceServerException as exc:
+            self.loader.load_model(model, headers=self.headers)
+        except Exception as exc:
             return first_line(exc)
         return None
 
     def unload(self, model: str) -> None:
-        """Unload `model` and the models it uses (best effort: called while undoing a failed sync)."""
-        with contextlib.suppress(InferenceServerException):
-            self.client.unload_model(model, unload_dependents=True)
+        """Unload `model` and the models it uses (best effort: called while rolling back)."""
+        with contextlib.suppress(Exception):
+            self.loader.unload_model(model, headers=self.headers, unload_dependents=True)
 
     def check_inference(self, model: str, version: int, manifest: dict) -> None:
         """One real request (batch 1, zero inputs; a dynamic dimension gets a small size) to `version`,
@@ -142,7 +202,7 @@ class _Triton:
             inputs.append(tensor)
         try:
             result = self.client.infer(model, inputs, model_version=str(version))
-        except InferenceServerException as exc:
+        except Exception as exc:
             raise RegistryError(f"inference on {model} version {version} failed: {first_line(exc)}") from None
         for spec in manifest["output_contract"]:
             output = result.as_numpy(spec["name"])
@@ -200,32 +260,18 @@ def _tensors(config: mc.ModelConfig) -> list[tuple]:
     return [(t.name, t.data_type, list(t.dims)) for t in [*config.input, *config.output]]
 
 
-class _Changes:
-    """Files put into the served repository by one sync, undone in reverse order if the sync fails."""
-
-    def __init__(self, repository: Path, staged: Path, version: int):
-        self.repository, self.staged, self.version = repository, staged, version
-        self._undo: list[Callable[[], None]] = []
-
-    def install(self, model: str) -> None:
-        """Version dir (copied aside, then renamed: Triton never sees half of it), then the config."""
-        source, dest = self.staged / model, self.repository / model
-        if not dest.exists():
-            dest.mkdir()
-            self._undo.append(lambda: shutil.rmtree(dest, ignore_errors=True))
-        aside = dest / f".{self.version}.partial"  # not numeric: Triton ignores it
-        shutil.copytree(source / str(self.version), aside)
-        aside.rename(dest / str(self.version))
-        self._undo.append(lambda: shutil.rmtree(dest / str(self.version), ignore_errors=True))
-        config = dest / "config.pbtxt"
-        if config.exists():
-            old = config.read_bytes()
-            self._undo.append(lambda: _write_atomic(config, old))
-        _write_atomic(config, (source / "config.pbtxt").read_bytes())
-
-    def undo(self) -> None:
-        while self._undo:
-            self._undo.pop()()
+def _install(repository: Path, staged: Path, model: str, version: int) -> None:
+    """Version dir (copied aside, then renamed: Triton never sees half of it), then the config, the one
+    it replaces kept as CONFIG_BACKUP for a rollback."""
+    source, dest = staged / model, repository / model
+    dest.mkdir(exist_ok=True)
+    aside = dest / f".{version}.partial"  # not numeric: Triton ignores it
+    shutil.copytree(source / str(version), aside)
+    aside.rename(dest / str(version))
+    config, backup = dest / "config.pbtxt", dest / CONFIG_BACKUP
+    if config.exists() and not backup.exists():
+        _write_atomic(backup, config.read_bytes())
+    _write_atomic(config, (source / "config.pbtxt").read_bytes())
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
@@ -237,6 +283,10 @@ def _write_atomic(path: Path, data: bytes) -> None:
 def _read_state(repository: Path) -> dict:
     path = repository / STATE_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _write_state(repository: Path, name: str, entry: dict) -> None:
+    _write_atomic(repository / STATE_FILE, json.dumps({**_read_state(repository), name: entry}).encode())
 
 
 @contextlib.contextmanager
@@ -309,11 +359,13 @@ def attach_plans(bundle_dir: Path, manifest: dict, source: Path) -> dict:
             "deploy/plan_builder.py (the plan-builder service)"
         )
     stored = {"plans": manifest.get("plans", {})}
+    label = f"plan store {source}"
     for network, entries in json.loads(index.read_text()).items():
-        for entry in entries:
-            target = bundle_dir / entry["file"]
+        check_model_name(network, f"{label}: network")
+        for entry in entries:  # the store is a shared folder: its paths stay inside it and the bundle
+            target = bundle_path(bundle_dir.resolve(), entry["file"], label)
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(source / entry["file"], target)
+            shutil.copyfile(bundle_path(source.resolve(), entry["file"], label), target)
             if file_sha256(target) != entry["sha256"]:
                 raise RegistryError(f"plan {source / entry['file']} differs from its sha256 (corrupted?)")
             stored = record_plan(stored, network, entry)
@@ -331,23 +383,33 @@ def sync_once(
     load_timeout: float = 600.0,
     log: Callable[[str], None] = print,
     plans: Path | None = None,
+    admin_key: str | None = None,
 ) -> SyncResult:
     """Make Triton serve the version `alias` points at, as a new Triton version in `repository` (the
     folder Triton serves, explicit model control): every ensemble the bundle serves (e.g. `hair`:
     hair_transfer and hair_edit) and their composing models. Idempotent: nothing changes when it
-    already does. On the gpu target, `plans` is the plan store the plan builder wrote the version's
-    plans into."""
+    already does. First finishes what an interrupted sync left (see the module docstring). On the gpu
+    target, `plans` is the plan store the plan builder wrote the version's plans into; `admin_key` is
+    sent with Triton's model-control calls (ADMIN_HEADER)."""
     started = time.monotonic()
+    check_model_name(name, "registered model")
     repository = repository.resolve()
     repository.mkdir(parents=True, exist_ok=True)
-    triton = _Triton(triton_url, load_timeout)
+    triton = TritonControl(triton_url, load_timeout, admin_key)
     with mlflow_errors(f"reading alias '{alias}' of '{name}'"):
         model_version = client.get_model_version_by_alias(name, alias)
     wanted = {"mlflow_version": model_version.version, "target": target, "variant": variant}
     with _locked(repository):
-        for leftover in repository.glob("*/.*.partial"):  # from a sync that was killed mid-copy
+        _checkpoint("stopped before changing anything")
+        work = work_dir(repository)
+        shutil.rmtree(work, ignore_errors=True)  # a killed sync's download
+        for leftover in repository.glob("*/.*.partial"):  # a killed sync's copy in progress
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+        _finish_interrupted(triton, repository, name, log)
+        for backup in repository.glob(f"*/{CONFIG_BACKUP}"):  # of a swap that was finished
+            backup.unlink()
         state = _read_state(repository).get(name, {})
+        _prune(triton, repository, name, state, log)
         served = _served_contracts(state, name)  # ensemble -> contract of what is live
         primary = next(iter(served))
         ready = [v for v, (s, _) in triton.versions(primary).items() if s == "READY"]
@@ -363,48 +425,113 @@ def sync_once(
                     triton.check_inference(ensemble, current, contract)
             _mark_live(client, name, model_version.version, current)
             return SyncResult(model_version.version, current, live != current, time.monotonic() - started)
-        with tempfile.TemporaryDirectory(prefix="fashionserve-sync-") as tmp:
+        try:
+            work.mkdir(parents=True)
             log(f"{name} alias '{alias}' -> version {model_version.version}: downloading")
             manifest, staged, version = _stage(
-                model_version, client, Path(tmp), repository, state, target, variant, plans
+                model_version, client, work, repository, state, target, variant, plans
             )
             contracts = _manifest_contracts(manifest)
             ensembles = list(contracts)
             composing = list(dict.fromkeys(m for e in ensembles for m in _prepare(staged, e, version)))
-            changes = _Changes(repository, staged, version)
+            _checkpoint(f"stopped before writing Triton version {version}; nothing was changed")
+            models = [*composing, *ensembles]
+            new_state = {
+                **wanted,
+                "triton_version": version,
+                "previous_triton_version": current,
+                **contracts[ensembles[0]],
+                "ensembles": contracts,
+                "composing": composing,
+                "last_version": version,
+            }
+            created = [model for model in models if not (repository / model).exists()]
+            journal = {"triton_version": version, "models": models, "created": created, "state": new_state}
+            _write_state(repository, name, {**state, "last_version": version, "pending": journal})
             try:
                 if live is None:
                     log(f"writing Triton version {version} ({target}, {variant}) and loading it")
-                    for model in [*composing, *ensembles]:
-                        changes.install(model)
+                    for model in models:
+                        _install(repository, staged, model, version)
                     for ensemble in ensembles:
                         _load_ready(triton, ensemble, version, f"{ensemble} version {version}")
                 else:
                     log(f"writing Triton version {version} ({target}, {variant}) beside live version {live}")
-                    _swap(triton, changes, ensembles, composing, version, live)
+                    _swap(triton, repository, staged, ensembles, composing, version, live, log)
                 for ensemble, contract in contracts.items():
                     triton.check_inference(ensemble, version, contract)
             except BaseException:
-                changes.undo()
-                for ensemble in ensembles:
-                    if live is None:  # nothing served before: nothing stays loaded
-                        triton.unload(ensemble)
-                    else:  # Triton drops what the repository no longer has and keeps the live version
-                        triton.load(ensemble)
+                try:
+                    _finish_interrupted(triton, repository, name, log, keep_new=False)
+                except RegistryError as exc:  # reported; the next sync finishes the rollback
+                    log(f"error: {exc}")
                 raise
-        state = {
-            **wanted,
-            "triton_version": version,
-            **contracts[ensembles[0]],
-            "ensembles": contracts,
-            "synced_at": datetime.now(UTC).isoformat(),
-        }
-        _write_atomic(repository / STATE_FILE, json.dumps({**_read_state(repository), name: state}).encode())
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        _commit(repository, name, {**new_state, "synced_at": datetime.now(UTC).isoformat()}, models)
         _mark_live(client, name, model_version.version, version)
-        _prune(triton, repository, ensembles, composing, version, live, log)
+        _prune(triton, repository, name, _read_state(repository)[name], log)
     seconds = time.monotonic() - started
     log(f"live: {name} version {model_version.version} as Triton version {version} ({seconds:.1f} s)")
     return SyncResult(model_version.version, version, True, seconds)
+
+
+def _commit(repository: Path, name: str, entry: dict, models: list[str]) -> None:
+    """Record `entry` as what is served (the journal goes with the old entry), then drop the configs
+    the swap kept for a rollback."""
+    _write_state(repository, name, entry)
+    for model in models:
+        (repository / model / CONFIG_BACKUP).unlink(missing_ok=True)
+
+
+def _finish_interrupted(
+    triton: TritonControl, repository: Path, name: str, log: Callable[[str], None], keep_new: bool = True
+) -> None:
+    """Finish the swap the journal records as in progress, if any: keep its version when Triton already
+    serves it (and `keep_new`), else roll it back. Nothing is touched while Triton is still loading."""
+    entry = _read_state(repository).get(name, {})
+    journal = entry.get("pending")
+    if journal is None:
+        return
+    version, models = journal["triton_version"], journal["models"]
+    contracts = journal["state"]["ensembles"]
+    if not triton.wait_settled(models):
+        raise RegistryError(
+            f"Triton is still loading models of the unfinished Triton version {version} of '{name}'; "
+            "the next sync finishes or rolls it back"
+        )
+    if keep_new and all(triton.ready(model, version) for model in models):
+        try:
+            for ensemble, contract in contracts.items():
+                triton.check_inference(ensemble, version, contract)
+        except RegistryError as exc:
+            log(f"Triton version {version} of an interrupted sync is loaded but failed: {exc}")
+        else:
+            _commit(repository, name, journal["state"], models)
+            log(f"an interrupted sync had switched '{name}' to Triton version {version}: kept")
+            return
+    live = entry.get("triton_version")
+    if live is None:  # nothing was served before: nothing stays loaded
+        for ensemble in contracts:
+            triton.unload(ensemble)
+    for model in models:
+        folder = repository / model
+        if (folder / CONFIG_BACKUP).exists():
+            (folder / CONFIG_BACKUP).replace(folder / "config.pbtxt")
+        shutil.rmtree(folder / str(version), ignore_errors=True)
+    for model in journal["created"]:
+        shutil.rmtree(repository / model, ignore_errors=True)
+    if live is not None:  # Triton drops what the repository no longer has and keeps the live version
+        served = _served_contracts(entry, name)
+        errors = [error for error in map(triton.load, served) if error]
+        settled = triton.wait_settled([*served, *models])
+        if not settled or not all(triton.ready(ensemble, live) for ensemble in served):
+            raise RegistryError(
+                f"rolled back Triton version {version} of '{name}', but Triton did not reload version "
+                f"{live}: {next(iter(errors), 'not ready')}"
+            )
+    _write_state(repository, name, {k: v for k, v in entry.items() if k != "pending"})
+    log(f"rolled back Triton version {version} of '{name}'" + (f"; version {live} serves" if live else ""))
 
 
 def _manifest_contracts(manifest: dict) -> dict[str, dict]:
@@ -430,27 +557,25 @@ def _stage(
     plans: Path | None,
 ) -> tuple[dict, Path, int]:
     """Download and validate the version (with its plans from the plan store `plans` on the gpu
-    target), render it as the next Triton version into tmp/staged; returns (manifest, staged
-    repository, Triton version)."""
+    target), render it from the tracked configs as the next Triton version into tmp/staged; returns
+    (manifest, staged repository, Triton version)."""
     name = model_version.name
-    # A corrupted artifact stops here, before anything reaches the served repository.
-    bundle, configs, manifest = download_bundle(client, model_version, tmp / "download")
+    # A corrupted or crafted artifact stops here, before anything reaches the served repository.
+    bundle, manifest = download_bundle(client, model_version, tmp / "download")
     if plans is not None and target == "gpu":
         manifest = attach_plans(bundle, manifest, plan_store_dir(plans, name, bundle_digest(bundle)))
     ensembles = pipeline_ensembles(manifest)
-    models = [
-        *ensembles,
-        *(
-            step.model_name
-            for ensemble in ensembles
-            for step in read_config(configs / ensemble / "config.pbtxt").ensemble_scheduling.step
-        ),
+    models = [*ensembles, *(step.model_name for ensemble in ensembles for step in ensemble_steps(ensemble))]
+    # Never a number used before, even by a version that was rolled back: Triton may still know it.
+    used = [
+        state.get("triton_version") or 0,
+        state.get("last_version") or 0,
+        *(v for m in models for v in _numeric_dirs(repository / m)),
     ]
-    used = [state.get("triton_version", 0), *(v for m in models for v in _numeric_dirs(repository / m))]
-    version = max(used, default=0) + 1
+    version = max(used) + 1
     try:
         render_repository(
-            bundle, manifest, tmp / "staged", target, version, source=configs, variant=variant,
+            bundle, manifest, tmp / "staged", target, version, variant=variant,
             force=model_version.tags.get(GATE_FORCED_TAG) == "true",
         )  # fmt: skip
     except RenderError as exc:
@@ -458,28 +583,41 @@ def _stage(
     return manifest, tmp / "staged", version
 
 
-def _load_ready(triton: _Triton, name: str, version: int, what: str) -> None:
+def _load_ready(triton: TritonControl, name: str, version: int, what: str) -> None:
     error = triton.load(name)
+    if error:  # a call that timed out or lost its connection did not stop Triton: see where it got to
+        triton.wait_settled([name])
+        error = None if triton.ready(name, version) else error
     if error or not triton.ready(name, version):
         raise RegistryError(f"Triton could not load {what}: {error or 'not ready after loading'}")
 
 
 def _swap(
-    triton: _Triton, changes: _Changes, ensembles: list[str], composing: list[str], version: int, live: int
+    triton: TritonControl,
+    repository: Path,
+    staged: Path,
+    ensembles: list[str],
+    composing: list[str],
+    version: int,
+    live: int,
+    log: Callable[[str], None],
 ) -> None:
     for model in [*ensembles, *composing]:
-        live_config = changes.repository / model / "config.pbtxt"
-        new_config = changes.staged / model / "config.pbtxt"
+        live_config = repository / model / "config.pbtxt"
+        new_config = staged / model / "config.pbtxt"
         if live_config.exists() and _tensors(read_config(live_config)) != _tensors(read_config(new_config)):
             raise RegistryError(
                 f"{model} of the new version has other tensors than the live one; configs are shared by all "
                 "versions, so it cannot be swapped in live: serve it from a fresh repository"
             )
     for model in composing:
-        changes.install(model)
+        _install(repository, staged, model, version)
     # The ensembles' configs still pin the live version: their loads reload the changed composing models
     # and cannot fail because of them.
+    log(f"loading the composing models of Triton version {version}")
     errors = [error for error in map(triton.load, ensembles) if error]
+    if errors:  # e.g. a load call that timed out: Triton goes on loading, wait for it
+        triton.wait_settled([*ensembles, *composing])
     for model in composing:
         if not triton.ready(model, version):
             reason = triton.versions(model).get(version, ("", ""))[1] or next(iter(errors), "not ready")
@@ -487,29 +625,39 @@ def _swap(
                 f"Triton could not load {model} version {version}: {one_line(reason)} "
                 f"(version {live} keeps serving)"
             )
+    _checkpoint(f"stopped before switching to Triton version {version}; version {live} keeps serving")
+    log(f"switching the ensembles to Triton version {version}")
     for ensemble in ensembles:
-        changes.install(ensemble)
+        _install(repository, staged, ensemble, version)
     for ensemble in ensembles:
         what = f"{ensemble} version {version} (version {live} is being restored)"
         _load_ready(triton, ensemble, version, what)
 
 
 def _prune(
-    triton: _Triton,
-    repository: Path,
-    ensembles: list[str],
-    composing: list[str],
-    version: int,
-    live: int | None,
-    log: Callable[[str], None],
+    triton: TritonControl, repository: Path, name: str, state: dict, log: Callable[[str], None]
 ) -> None:
-    """Remove version dirs Triton no longer serves: all but `version` for the ensembles, all but
-    `version` and the previous live one for composing models. Waits for Triton to finish unloading."""
+    """Remove the version dirs `state` does not record (all but the live one for ensembles, all but the
+    live and the previous one for composing models) once Triton has settled; Triton drops any of them
+    it had loaded."""
+    current = state.get("triton_version")
+    if current is None or "pending" in state:
+        return
+    ensembles = list(_served_contracts(state, name))
+    composing = state.get("composing") or [s.model_name for e in ensembles for s in ensemble_steps(e)]
+    keep = {current, state.get("previous_triton_version") or current}
+    stale = {m: [v for v in _numeric_dirs(repository / m) if v not in keep] for m in composing}
+    stale.update({e: [v for v in _numeric_dirs(repository / e) if v != current] for e in ensembles})
+    if not any(stale.values()):
+        return
     if not triton.wait_settled([*ensembles, *composing]):
         log("Triton is still loading or unloading; old versions are pruned by the next sync")
         return
-    keep = {version} if live is None else {version, live}
-    for model, kept in [*((e, {version}) for e in ensembles), *((m, keep) for m in composing)]:
-        for old in _numeric_dirs(repository / model):
-            if old not in kept:
-                shutil.rmtree(repository / model / str(old))
+    loaded = any(triton.versions(m).get(v, ("",))[0] == "READY" for m, vs in stale.items() for v in vs)
+    for model, old in stale.items():
+        for number in old:
+            shutil.rmtree(repository / model / str(number))
+    if loaded:  # versions no sync finished (e.g. left by a killed one): Triton drops them on a reload
+        for ensemble in ensembles:
+            triton.load(ensemble)
+        triton.wait_settled([*ensembles, *composing])

@@ -6,6 +6,11 @@ run with explicit model control on --repository). The live version keeps serving
 is ready and answered a real request; a version that fails to load never replaces it. The live
 MLflow version gets the tag triton.live. Nothing changes when Triton already serves the alias.
 
+Safe to kill or stop at any moment: a swap a killed sync left half done is finished or rolled back by
+the next sync before anything else, and SIGTERM / Ctrl-C wait until the step in progress is finished or
+rolled back (Triton serves one version), then exit. A Triton whose model control needs an admin key
+(--http-restricted-api=model-repository:fashionserve-admin-key=KEY) gets it from $TRITON_ADMIN_KEY.
+
 Examples:
   python -m fashionserve.launcher start --repository work/served --model-control explicit --detach \\
       --pid-file work/triton.pid
@@ -16,9 +21,9 @@ Examples:
 """
 
 import argparse
+import os
 import signal
 import sys
-import time
 from pathlib import Path
 
 # Run as a script from a checkout: the project root goes first, and this folder (named like the
@@ -30,7 +35,14 @@ sys.path.insert(0, str(_HERE.parent))
 from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.registry import ALIAS, RegistryError, connect  # noqa: E402
 from fashionserve.repository import PRECISIONS, TARGETS  # noqa: E402
-from fashionserve.sync import SyncResult, sync_once  # noqa: E402
+from fashionserve.sync import (  # noqa: E402
+    ADMIN_KEY_ENV,
+    SyncResult,
+    SyncStopped,
+    request_stop,
+    stop_requested,
+    sync_once,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -89,26 +101,39 @@ def sync(args: argparse.Namespace) -> SyncResult:
         load_timeout=args.load_timeout,
         log=_log,
         plans=args.plans,
+        admin_key=os.environ.get(ADMIN_KEY_ENV) or None,
     )
 
 
 def main() -> None:
     args = parse_args()
+    # SIGTERM (a container stop) and Ctrl-C wait for the swap step in progress: it is finished or rolled
+    # back, so Triton serves one version when this exits. A second signal does not cut that short.
+    for stop_signal in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop_signal, lambda *_: request_stop())
     if not args.watch:
         result = sync(args)
         if not result.changed:
             _log(f"up to date: '{args.model}' version {result.mlflow_version} is live as Triton version "
                  f"{result.triton_version}")  # fmt: skip
         return
-    # SIGTERM (a container stop) ends the loop like Ctrl-C; a swap in progress is undone, not left half.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
     _log(f"watching '{args.model}' alias '{args.alias}' every {args.interval:g} s (Ctrl-C stops)")
     while True:
         try:
-            sync(args)
+            result = sync(args)
+        except SyncStopped as exc:
+            _log(str(exc))
+            return
         except RegistryError as exc:  # report and keep watching: the next round may succeed
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        time.sleep(args.interval)
+        else:
+            if stop_requested():
+                _log(f"stopped: '{args.model}' version {result.mlflow_version} is live as Triton version "
+                     f"{result.triton_version}")  # fmt: skip
+                return
+        if stop_requested(wait=args.interval):
+            _log("stopped")
+            return
 
 
 if __name__ == "__main__":

@@ -24,14 +24,22 @@ from fashionserve.mlflow_server import MlflowServer
 from fashionserve.plans import HEAVY_NETWORKS, Gpu, plan_file_name, record_plan
 from fashionserve.registry import RANDOM_INIT, RegistryError, bundle_digest, connect, download_bundle
 from fashionserve.repository import PRECISIONS, TRACKED_REPOSITORY, ensemble_steps, read_config
-from fashionserve.sync import PLAN_STORE_INDEX, _stage, plan_store_dir, publish_plans
+from fashionserve.sync import (
+    ADMIN_HEADER,
+    ADMIN_KEY_ENV,
+    PLAN_STORE_INDEX,
+    _stage,
+    plan_store_dir,
+    publish_plans,
+)
 from tests.conftest import PROJECT_ROOT, run_cli
 
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"
 ENV_EXAMPLE = PROJECT_ROOT / ".env.example"
 OVERLAYS = ("local", "production")
 SECRET_NAME = "fashionserve-credentials"
-SECRET_KEYS = {"postgres-password", "minio-root-password"}
+ADMIN_KEY_SECRET = "triton-admin-key"  # key in the Secret fashionserve-credentials
+SECRET_KEYS = {"postgres-password", "minio-root-password", ADMIN_KEY_SECRET}
 GPU_SERVICES = ("triton", "plan-builder")
 TRITON_PORTS = {"http": 8000, "grpc": 8001, "metrics": 8002}
 SERVED_MODEL = "tryon"
@@ -40,6 +48,21 @@ SMALL_EXPORT = ["--condition-resolution", "128x96", "--condition-ngf", "8", "--i
 SMALL_EXPORT += ["--spade-hidden", "16"]
 _VARIABLE = re.compile(r"\$\{(\w+)(?:(:?[-?])([^}]*))?\}")
 _MODEL_ENDPOINT = re.compile(r"^/v2/models/([\w-]+)/ready$")
+RESTRICTED_APIS = ("model-repository", "shared-memory", "trace", "logging")
+MIN_SYNC_GRACE_S = 120
+TRITON_CLIENT_LABEL = "fashionserve.io/triton-client"
+K8S_PODS = [
+    ("Deployment", "mlflow"), ("Deployment", "triton"), ("StatefulSet", "postgres"), ("StatefulSet", "minio"),
+    ("Job", "bootstrap"), ("Job", "minio-bucket"),
+]  # fmt: skip
+# compose: who may share a network with whom (a shared network is the only way in)
+COMPOSE_TOOLS = {"bootstrap", "plan-builder", "sync"}
+COMPOSE_PEERS = {
+    "mlflow": {*COMPOSE_TOOLS, "postgres", "minio", "minio-init"},
+    "postgres": {"mlflow", "minio", "minio-init"},
+    "minio": {"mlflow", "postgres", "minio-init"},
+    "triton": {"sync"},
+}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -193,6 +216,7 @@ def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str
     ]:
         if flag(args, "variant") not in PRECISIONS:
             problems.append(f"{name} serves variant {flag(args, 'variant')}, not one of {PRECISIONS}")
+    problems += compose_isolation_problems(compose, values)
     sync_volumes = services.get("sync", {}).get("volumes", [])
     for volume, folder in (("models", "repository"), ("plans", "plans")):
         mounts = {
@@ -201,6 +225,63 @@ def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str
         }  # fmt: skip
         if len(mounts) != 1 or flag(sync, folder) not in mounts:
             problems.append(f"sync's --{folder} is not where the {volume} volume is mounted ({sync_volumes})")
+    return problems
+
+
+def restricted_api_problems(command: list[str], key: str, where: str) -> list[str]:
+    """Triton's control APIs (HTTP and gRPC) answer only requests carrying ADMIN_HEADER = `key`."""
+    problems = []
+    for option in ("http-restricted-api", "grpc-restricted-protocol"):
+        value = flag(command, option)
+        if value is None:
+            problems.append(f"{where}: Triton runs without --{option}: any client can load and unload models")
+            continue
+        apis, _, header = value.partition(":")
+        missing = set(RESTRICTED_APIS) - set(apis.split(","))
+        if missing:
+            problems.append(f"{where}: --{option} leaves {', '.join(sorted(missing))} open")
+        if header != f"{ADMIN_HEADER}={key}":
+            problems.append(
+                f"{where}: --{option} does not expect the header {ADMIN_HEADER} with the admin key"
+            )
+    return problems
+
+
+def _grace_seconds(value: str) -> float:
+    units = {"s": 1, "m": 60, "h": 3600}
+    return sum(float(n) * units[u] for n, u in re.findall(r"(\d+(?:\.\d+)?)([smh])", value))
+
+
+def compose_isolation_problems(compose: dict, values: dict[str, str]) -> list[str]:
+    """Only the tools share a network with MLflow, only MLflow (and the bucket job) with its stores; the
+    registry networks are internal; Triton's control API needs the admin key, which sync sends; sync may
+    roll a swap back before it is killed."""
+    problems = []
+    services = compose.get("services", {})
+    declared = compose.get("networks") or {}
+    networks = {name: set(service.get("networks") or ["default"]) for name, service in services.items()}
+
+    def peers(name: str) -> set[str]:
+        return {
+            other for other, nets in networks.items() if other != name and nets & networks.get(name, set())
+        }
+
+    for name, allowed in COMPOSE_PEERS.items():
+        for other in sorted(peers(name) - allowed):
+            problems.append(f"{other} can reach {name}: it shares a network with it")
+    for network in ("store", "registry"):
+        if not (declared.get(network) or {}).get("internal"):
+            problems.append(f"network {network} is not internal")
+    for name, service in services.items():
+        if service.get("ports") and all((declared.get(n) or {}).get("internal") for n in networks[name]):
+            problems.append(f"{name} publishes ports but is only on internal networks (they publish none)")
+    key = values["TRITON_ADMIN_KEY"]
+    problems += restricted_api_problems(services.get("triton", {}).get("command", []), key, "compose triton")
+    sync = services.get("sync", {})
+    if (sync.get("environment") or {}).get(ADMIN_KEY_ENV) != key:
+        problems.append(f"sync does not get the admin key as {ADMIN_KEY_ENV}")
+    if _grace_seconds(str(sync.get("stop_grace_period", "0s"))) < MIN_SYNC_GRACE_S:
+        problems.append(f"sync's stop_grace_period is under {MIN_SYNC_GRACE_S} s: a swap cannot roll back")
     return problems
 
 
@@ -214,8 +295,9 @@ def test_compose_parses_and_every_reference_resolves(env_example):
 
 
 def test_no_secret_is_committed(env_example):
-    assert env_example["POSTGRES_PASSWORD"] == "" and env_example["MINIO_ROOT_PASSWORD"] == ""
-    for name in ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD"):
+    secrets = ("POSTGRES_PASSWORD", "MINIO_ROOT_PASSWORD", "TRITON_ADMIN_KEY")
+    assert [env_example[name] for name in secrets] == ["", "", ""]
+    for name in secrets:
         assert f"${{{name}:?" in COMPOSE_FILE.read_text()  # required: compose refuses to start without it
     ignored = subprocess.run(
         ["git", "check-ignore", "-q", ".env"], cwd=PROJECT_ROOT, check=False, capture_output=True
@@ -272,6 +354,38 @@ BROKEN_COMPOSE = {
     "plans elsewhere": (
         ("--plans=/plans\n      - --repository", "--plans=/cache\n      - --repository"),
         "sync's --plans",
+    ),
+    "Triton on the registry network": (
+        ("    networks: [serving]\n", "    networks: [serving, registry]\n"),
+        "triton can reach mlflow",
+    ),
+    "Postgres on the registry network": (
+        ("    networks: [store]\n    healthcheck", "    networks: [store, registry]\n    healthcheck"),
+        "can reach postgres",
+    ),
+    "registry network with a way out": (
+        ("  registry:\n    internal: true\n", "  registry:\n"),
+        "network registry is not internal",
+    ),
+    "MLflow only on internal networks": (
+        ("    networks: [store, registry, published]", "    networks: [store, registry]"),
+        "mlflow publishes ports but is only on internal networks",
+    ),
+    "control API open": (
+        ("      - --http-restricted-api=", "      - --http-restricted-api-off="),
+        "without --http-restricted-api",
+    ),
+    "control API not restricted over gRPC": (
+        ("--grpc-restricted-protocol=model-repository,", "--grpc-restricted-protocol="),
+        "--grpc-restricted-protocol leaves model-repository open",
+    ),
+    "sync without the admin key": (
+        ("      TRITON_ADMIN_KEY: ${TRITON_ADMIN_KEY", "      OTHER_KEY: ${TRITON_ADMIN_KEY"),
+        "sync does not get the admin key",
+    ),
+    "sync killed before it can roll back": (
+        ("    stop_grace_period: 5m\n", "    stop_grace_period: 10s\n"),
+        "stop_grace_period is under",
     ),
 }
 
@@ -429,6 +543,8 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     if {port: ports.get(target) for port, target in served.items()} != {v: v for v in TRITON_PORTS.values()}:
         problems.append(f"the triton Services expose {served}, not HTTP, gRPC and metrics")
 
+    problems += k8s_isolation_problems(docs)
+
     hpa = next((d for d in docs if d["kind"] == "HorizontalPodAutoscaler"), {})
     if hpa.get("apiVersion") != "autoscaling/v2":
         problems.append(f"the HPA is {hpa.get('apiVersion')}, not autoscaling/v2")
@@ -438,6 +554,108 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     metrics = hpa.get("spec", {}).get("metrics", [])
     if [m.get("pods", {}).get("metric", {}).get("name") for m in metrics] != [adapter_metric_name()]:
         problems.append("the HPA does not scale on the Prometheus adapter's Triton queue-time metric")
+    return problems
+
+
+def _matches(selector: dict, labels: dict[str, str]) -> bool:
+    """A label selector (matchLabels only: the policies here use nothing else) against labels."""
+    if set(selector) - {"matchLabels"}:
+        raise AssertionError(f"selector {selector} uses more than matchLabels; teach admits() about it")
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def admits(
+    docs: list[dict], target: dict[str, str], port: int, source: dict[str, str], elsewhere: bool
+) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` (in another namespace when `elsewhere`)
+    connect to `port` of a pod of this namespace labelled `target`, as Kubernetes evaluates them."""
+    policies = [
+        d["spec"] for d in docs
+        if d["kind"] == "NetworkPolicy" and "Ingress" in d["spec"].get("policyTypes", ["Ingress"])
+        and _matches(d["spec"]["podSelector"], target)
+    ]  # fmt: skip
+    if not policies:
+        return True
+
+    def peer_admits(peer: dict) -> bool:
+        if "ipBlock" in peer:
+            return True  # an address range lets in pods of every label
+        if "namespaceSelector" not in peer and elsewhere:
+            return False  # a bare podSelector means this namespace
+        namespace_ok = "namespaceSelector" not in peer or _matches(peer["namespaceSelector"], {})
+        return namespace_ok and _matches(peer.get("podSelector", {}), source)
+
+    return any(
+        (not rule.get("from") or any(peer_admits(peer) for peer in rule["from"]))
+        and (not rule.get("ports") or any(p.get("port") == port for p in rule["ports"]))
+        for policy in policies
+        for rule in policy.get("ingress", [])
+    )
+
+
+def pod_labels(docs: list[dict], kind: str, name: str) -> dict[str, str]:
+    return find(docs, kind, name).get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
+
+
+def k8s_isolation_problems(docs: list[dict]) -> list[str]:
+    """Ingress as the NetworkPolicies allow it: MLflow answers the tools only, its stores MLflow only,
+    Triton labelled clients (its control API also wants the admin key, which only sync has)."""
+    problems = []
+    if not any(
+        d["kind"] == "NetworkPolicy"
+        and d["spec"]["podSelector"] in ({}, None)
+        and not d["spec"].get("ingress")
+        for d in docs
+    ):
+        problems.append("no default-deny NetworkPolicy: a pod without its own policy takes any connection")
+    pods = {name: pod_labels(docs, kind, name) for kind, name in K8S_PODS}
+    stranger, client = {"app": "anything"}, {TRITON_CLIENT_LABEL: "true"}
+    prometheus = {"app.kubernetes.io/name": "prometheus"}
+    expectations = [  # (target pod, port, source labels, from another namespace, admitted)
+        *(("mlflow", 5000, pods[tool], False, True) for tool in ("bootstrap", "triton")),
+        ("mlflow", 5000, stranger, False, False),
+        ("mlflow", 5000, client, False, False),
+        ("mlflow", 5000, pods["bootstrap"], True, False),
+        *(
+            (store, port, pods["mlflow"], False, True)
+            for store, port in (("postgres", 5432), ("minio", 9000))
+        ),
+        ("minio", 9000, pods["minio-bucket"], False, True),
+        *(
+            (store, port, pods[other], False, False)
+            for store, port in (("postgres", 5432), ("minio", 9000))
+            for other in ("bootstrap", "triton")
+        ),  # fmt: skip
+        ("minio", 9001, pods["mlflow"], False, False),
+        *(("triton", port, client, True, True) for port in (8000, 8001)),
+        *(("triton", port, stranger, False, False) for port in (8000, 8001, 8002)),
+        ("triton", 8002, prometheus, True, True),
+        ("bootstrap", 8000, stranger, False, False),
+    ]
+    for target, port, source, elsewhere, expected in expectations:
+        if admits(docs, pods[target], port, source, elsewhere) != expected:
+            where = "another namespace" if elsewhere else "this namespace"
+            verb = "refuses" if expected else "admits"
+            problems.append(f"{target}:{port} {verb} a pod labelled {source} from {where}")
+
+    spec = find(docs, "Deployment", "triton").get("spec", {}).get("template", {}).get("spec", {})
+    containers = {c["name"]: c for c in spec.get("containers", [])}
+
+    def key_variable(container: dict) -> str | None:
+        """The env variable the container gets the admin key from the Secret in."""
+        wanted = {"name": SECRET_NAME, "key": ADMIN_KEY_SECRET}
+        env = container.get("env", [])
+        return next((e["name"] for e in env if e.get("valueFrom", {}).get("secretKeyRef") == wanted), None)
+
+    server = containers.get("triton", {})
+    variable = key_variable(server)
+    if variable is None:
+        problems.append(f"tritonserver does not get the admin key from the Secret ({ADMIN_KEY_SECRET})")
+    problems += restricted_api_problems(server.get("command", []), f"$({variable})", "k8s triton")
+    if key_variable(containers.get("sync", {})) != ADMIN_KEY_ENV:
+        problems.append(f"the sync sidecar does not get the admin key from the Secret as {ADMIN_KEY_ENV}")
+    if spec.get("terminationGracePeriodSeconds", 30) < MIN_SYNC_GRACE_S:
+        problems.append(f"the triton pod's grace period is under {MIN_SYNC_GRACE_S} s: sync cannot roll back")
     return problems
 
 
@@ -598,6 +816,56 @@ BROKEN_K8S = {
         lambda d: _triton_container(d)["volumeMounts"].append({"name": "cache", "mountPath": "/cache"}),
         "mounts cache, which the pod does not declare",
     ),
+    "no default deny": (
+        lambda d: d.remove(find(d, "NetworkPolicy", "default-deny-ingress")),
+        "no default-deny NetworkPolicy",
+    ),
+    "MLflow open to every pod": (
+        lambda d: find(d, "NetworkPolicy", "mlflow")["spec"]["ingress"][0].pop("from"),
+        "mlflow:5000 admits a pod labelled {'app': 'anything'}",
+    ),
+    "MLflow open to other namespaces": (
+        lambda d: find(d, "NetworkPolicy", "mlflow")["spec"]["ingress"][0]["from"][0].update(
+            namespaceSelector={}
+        ),
+        "from another namespace",
+    ),
+    "sidecar not an MLflow client": (
+        lambda d: pod_labels(d, "Deployment", "triton").pop("fashionserve.io/mlflow-client"),
+        "mlflow:5000 refuses a pod labelled {'app.kubernetes.io/name': 'triton'",
+    ),
+    "Postgres open to the tools": (
+        lambda d: find(d, "NetworkPolicy", "postgres")["spec"]["ingress"][0]["from"].append(
+            {"podSelector": {"matchLabels": {"fashionserve.io/mlflow-client": "true"}}}
+        ),
+        "postgres:5432 admits",
+    ),
+    "Triton open to every pod": (
+        lambda d: find(d, "NetworkPolicy", "triton")["spec"]["ingress"][0]["from"][0].pop("podSelector"),
+        "triton:8000 admits a pod labelled {'app': 'anything'}",
+    ),
+    "control API open": (
+        lambda d: _triton_container(d)["command"].remove(
+            next(a for a in _triton_container(d)["command"] if a.startswith("--http-restricted-api="))
+        ),
+        "without --http-restricted-api",
+    ),
+    "admin key in plain text": (
+        lambda d: _triton_container(d)["command"].append(
+            "--grpc-restricted-protocol=model-repository,shared-memory,trace,logging:fashionserve-admin-key=k"
+        ),
+        "does not expect the header fashionserve-admin-key with the admin key",
+    ),
+    "sidecar without the admin key": (
+        lambda d: _triton_container(d, "sync").update(env=_triton_container(d, "sync")["env"][1:]),
+        "the sync sidecar does not get the admin key",
+    ),
+    "short grace period": (
+        lambda d: find(d, "Deployment", "triton")["spec"]["template"]["spec"].update(
+            terminationGracePeriodSeconds=30
+        ),
+        "grace period is under",
+    ),
 }
 
 
@@ -640,7 +908,11 @@ def stack_commands(source: str, env_example: dict[str, str]) -> dict[str, list[s
         }
         commands = {}
         for name, container in containers.items():
-            env = {e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]] for e in container["env"]}
+            env = {
+                e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]]
+                for e in container["env"]
+                if "configMapKeyRef" in e["valueFrom"]  # the admin key (a Secret) is no argument
+            }
             commands[name] = [expand_k8s_variables(arg, env) for arg in container["command"]]
     assert all(command[0] == "python" for command in commands.values())
     return {name: [a for a in command[1:] if a != "--watch"] for name, command in commands.items()}
@@ -744,7 +1016,7 @@ def test_sync_renders_the_gpu_target_from_the_plan_store(mlflow_server, bootstra
         stage("without-plans")
 
     # what the plan builder does after TensorRT built the plans into its download
-    bundle, _, manifest = download_bundle(client, model_version, tmp_path / "builder")
+    bundle, manifest = download_bundle(client, model_version, tmp_path / "builder")
     dest = plan_store_dir(store, "tryon", bundle_digest(bundle))
     assert bundle_digest(bundle) == model_version.tags["bundle_sha256"]
     assert not plan_builder.already_built(dest, list(HEAVY_NETWORKS), "fp32", "9.0", "10.13.3.9")

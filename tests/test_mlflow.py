@@ -118,10 +118,15 @@ def close_to(served_output: np.ndarray, reference: np.ndarray) -> bool:
 
 
 def listing(repository: Path) -> dict[str, bytes]:
-    """Every file of the served repository with its content (byte-exact comparisons)."""
-    return {
+    """Every file of the served repository with its content (byte-exact comparisons), but the sync
+    state's count of Triton version numbers handed out (a rolled-back version takes one too)."""
+    files = {
         str(p.relative_to(repository)): p.read_bytes() for p in sorted(repository.rglob("*")) if p.is_file()
     }
+    if STATE_FILE in files:
+        state = json.loads(files[STATE_FILE])
+        files[STATE_FILE] = json.dumps({k: {**v, "last_version": None} for k, v in state.items()}).encode()
+    return files
 
 
 def live_version(client) -> str | None:
@@ -131,11 +136,23 @@ def live_version(client) -> str | None:
 
 
 class Traffic:
-    """A client thread sending one sample pair after another until stopped (bounded in time and count)."""
+    """A client thread sending one request after another until stopped (bounded in time and count):
+    by default one try-on sample pair, as infer(pairs=1)."""
 
-    def __init__(self, served, samples_dir, max_seconds: float = 300.0, max_requests: int = 2000):
-        self.batch = {name: array[:1] for name, array in sample_batch(samples_dir).items()}  # infer(pairs=1)
-        self.client = TritonModelClient(served.grpc_url, MODEL)
+    def __init__(
+        self,
+        served,
+        samples_dir: Path | None = None,
+        max_seconds: float = 300.0,
+        max_requests: int = 2000,
+        model: str = MODEL,
+        batch: dict[str, np.ndarray] | None = None,
+        output: str = "tryon_image",
+    ):
+        if batch is None:
+            batch = {name: array[:1] for name, array in sample_batch(samples_dir).items()}
+        self.batch, self.output = batch, output
+        self.client = TritonModelClient(served.grpc_url, model)
         self.deadline = time.monotonic() + max_seconds
         self.max_requests = max_requests
         self.results: list[tuple[float, np.ndarray | str]] = []
@@ -150,7 +167,7 @@ class Traffic:
         ):
             sent = time.monotonic()
             try:
-                self.results.append((sent, self.client.infer(self.batch)["tryon_image"]))
+                self.results.append((sent, self.client.infer(self.batch)[self.output]))
             except Exception as exc:  # any failure counts; the test asserts there are none
                 self.results.append((sent, str(exc)))
 
