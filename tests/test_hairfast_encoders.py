@@ -16,6 +16,7 @@ from fashionserve.hair.networks.feature_style_encoder import (
     FeatureStyleEncoder,
     load_feature_style_encoder,
 )
+from fashionserve.hair.networks.iresnet import adaptive_average_pool
 from fashionserve.hair.networks.post_process import PostProcess, load_post_process
 from fashionserve.hair.stylegan2 import PartialSynthesis, StyleGAN2Generator
 from fashionserve.onnx_export import export_onnx, max_abs_error, run_onnx
@@ -73,7 +74,7 @@ def tiny_fs_encoder(seed: int = 0, n_styles: int = 8) -> tuple[FeatureStyleEncod
     randomize_normalizations(theirs, seed)
     ours = FeatureStyleEncoder(n_styles, STYLE_DIM, CONTENT, **TINY_BODY).eval()
     ours.load_state_dict(theirs.state_dict(), strict=True)
-    ours.set_latent_avg(torch.randn(STYLE_DIM))
+    ours.set_latent_avg(torch.randn(n_styles, STYLE_DIM))  # distinct per entry: catches mis-broadcasting
     return ours, theirs
 
 
@@ -147,6 +148,13 @@ def test_partial_synthesis_rejects_bad_blocks():
         generator.features(w_plus, 1, layer_in=features, start_block=2)
     with pytest.raises(ValueError, match="end_block <= 3"):
         PartialSynthesis(generator, 4)
+
+
+def test_adaptive_average_pool_equals_torch_for_divisible_and_not():
+    torch.manual_seed(0)
+    for height, width in [(128, 128), (64, 16), (17, 5), (3, 3), (2, 7)]:  # 2 -> 3 overlaps windows
+        x = torch.randn(2, 4, height, width)
+        torch.testing.assert_close(adaptive_average_pool(x, 3), nn.functional.adaptive_avg_pool2d(x, 3))
 
 
 # --- FS encoder ---------------------------------------------------------------------------------------
