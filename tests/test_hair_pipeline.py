@@ -26,7 +26,7 @@ from fashionserve.hair.bundle import (
     stage_runs,
     transfer_inputs,
 )
-from fashionserve.hair.parser import FACE_CLASSES, HAIR_CLASS, NUM_CLASSES
+from fashionserve.hair.networks.parser import FACE_CLASSES, HAIR_CLASS, NUM_CLASSES
 from fashionserve.hair.quantize import HairQuantizeOptions, quantize_hair_bundle
 from fashionserve.hair.samples import SAMPLE_PORTRAITS, draw_portrait, sample_direction
 from fashionserve.hair.stages import HairComposite, HairConfig, HairMix, HairPreprocess, parse_layers
@@ -34,7 +34,7 @@ from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import run_onnx
 from fashionserve.plans import plan_networks
 from fashionserve.repository import TRACKED_REPOSITORY, RenderError, read_config, render_repository
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 from tests.test_tryon_pipeline import raw_infer
 
 # Small enough for a 2-core CI machine; the same code paths as the public 1024 configuration.
@@ -57,15 +57,6 @@ SMALL_ARCH = [
 ]  # fmt: skip
 SKIN = FACE_CLASSES[0]
 INPUTS = {TRANSFER: ("portrait", "reference"), EDIT: ("portrait", "direction", "strength")}
-
-
-def one_line_error(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, (
-        result.stderr
-    )
-    return lines[0]
 
 
 def write_checkpoints(folder: Path, seed: int) -> tuple[Path, Path]:
@@ -419,7 +410,7 @@ def test_client_cli_transfers_the_samples_and_explicit_files(server, tmp_path):
     # the same pair from files, over HTTP, a larger crop scaled down
     Image.fromarray(draw_portrait(0, SIZE)).save(tmp_path / "me.png")
     Image.fromarray(draw_portrait(1, SIZE)).resize((2 * SIZE, 2 * SIZE)).save(tmp_path / "style.png")
-    args = ["--portrait", str(tmp_path / "me.png"), "--reference", str(tmp_path / "style.png")]
+    args = ["--aligned", "--portrait", str(tmp_path / "me.png"), "--reference", str(tmp_path / "style.png")]
     refused = run_cli("client/hair.py", *args, "--url", server.grpc_url, "--out", str(tmp_path / "b"))
     assert "is 128x128; the server takes 64x64 crops (--resize scales it)" in one_line_error(refused)
     result = run_cli(
@@ -444,8 +435,9 @@ def test_client_cli_edits_with_a_direction_file(server, pipeline, tmp_path):
     np.save(tmp_path / "bangs.npy", direction[None])  # InterFaceGAN's [1, style_dim] layout
     Image.fromarray(draw_portrait(2, SIZE)).save(tmp_path / "me.png")
     result = run_cli(
-        "client/hair.py", "--portrait", str(tmp_path / "me.png"), "--direction", str(tmp_path / "bangs.npy"),
-        "--strength", "1.5", "--url", server.grpc_url, "--out", str(tmp_path / "out"),
+        "client/hair.py", "--aligned", "--portrait", str(tmp_path / "me.png"),
+        "--direction", str(tmp_path / "bangs.npy"), "--strength", "1.5",
+        "--url", server.grpc_url, "--out", str(tmp_path / "out"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     served = np.asarray(Image.open(tmp_path / "out" / "me_edit_bangs_1.5.png")).astype(int)
@@ -466,7 +458,7 @@ def test_client_cli_refuses_bad_inputs_in_one_line(server, tmp_path):
     Image.new("RGB", (SIZE, SIZE - 8)).save(tmp_path / "wide.png")
     Image.fromarray(draw_portrait(0, SIZE)).save(tmp_path / "me.png")
     np.save(tmp_path / "bad.npy", np.zeros((3, 128), np.float32))
-    url = ["--url", server.grpc_url, "--out", str(tmp_path / "out")]
+    url = ["--aligned", "--url", server.grpc_url, "--out", str(tmp_path / "out")]
     cases = [
         (
             ["--portrait", str(tmp_path / "wide.png"), "--reference", str(tmp_path / "me.png")],
