@@ -17,8 +17,8 @@ from fashionserve.hair.networks.feature_style_encoder import (
     load_feature_style_encoder,
 )
 from fashionserve.hair.networks.iresnet import adaptive_average_pool
-from fashionserve.hair.networks.post_process import PostProcess, load_post_process
-from fashionserve.hair.stylegan2 import PartialSynthesis, StyleGAN2Generator
+from fashionserve.hair.networks.post_process import F_START_BLOCK, PostProcess, load_post_process
+from fashionserve.hair.networks.stylegan2 import PartialSynthesis, StyleGAN2Generator
 from fashionserve.onnx_export import export_onnx, max_abs_error, run_onnx
 from tests import hairfast_reference as reference
 from tests.test_hair_networks_gan import keys_and_shapes, randomize_zero_initialized
@@ -264,7 +264,7 @@ def test_post_process_equals_public_model_and_blending_call():
     with torch.no_grad():
         w_plus, features = ours(face, blended)
         expected_w_plus, expected_features = theirs(face, blended)
-        image = PartialSynthesis(generator, start_block=5)(w_plus, features)
+        image = PartialSynthesis(generator, start_block=F_START_BLOCK)(w_plus, features)
         expected_image = reference.blending_post_process(theirs, generator, noises(generator), face, blended)
     assert w_plus.shape == (2, 12, STYLE_DIM) and features.shape == (2, CONTENT, 64, 64)
     assert_close_scaled(w_plus, expected_w_plus)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from fashionserve.checkpoints import CheckpointError, load_strict, read_checkpoint, state_dict_of
 from fashionserve.hair.networks.iresnet import IRESNET50_UNITS, IResNetStyleEncoder, content_head
-from fashionserve.hair.stylegan2 import StyleGAN2Generator, expand_latent_avg
+from fashionserve.hair.networks.stylegan2 import StyleGAN2Generator, expand_latent_avg
 
 INPUT_HALVINGS = 2  # trainer scale = log2(resolution 1024 / enc_resolution 256)
 CONTENT_STRIDE = 2  # 001.yaml fs_stride: the content map is the body's 32 x 32 stage halved to 16 x 16

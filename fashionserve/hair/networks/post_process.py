@@ -27,14 +27,14 @@ import torch
 from torch import Tensor, nn
 
 from fashionserve.checkpoints import CheckpointError, load_strict, read_checkpoint, state_dict_of
+from fashionserve.hair.networks.blending import ModulationModule
 from fashionserve.hair.networks.iresnet import (
     IRESNET50_UNITS,
     IBasicBlock,
     IResNetStyleEncoder,
     content_head,
 )
-from fashionserve.hair.networks.modulation import ModulationModule
-from fashionserve.hair.stylegan2 import PixelNorm, expand_latent_avg
+from fashionserve.hair.networks.stylegan2 import PixelNorm, expand_latent_avg
 
 F_START_BLOCK = 5  # the generator block F_final feeds (HairFastGAN start_layer=5)
 MODULATION_DEPTH = 5  # ModulationModules per branch; the last has no activation
@@ -112,7 +112,7 @@ class PostProcess(nn.Module):
     @staticmethod
     def _modulations(n_styles: int, style_dim: int) -> nn.ModuleList:
         return nn.ModuleList(
-            ModulationModule(n_styles, index == MODULATION_DEPTH - 1, style_dim, style_dim, style_dim)
+            ModulationModule(n_styles, style_dim, style_dim, style_dim, last=index == MODULATION_DEPTH - 1)
             for index in range(MODULATION_DEPTH)
         )
 
