@@ -5,6 +5,15 @@ with lr_mul 0.01, weight demodulation with eps 1e-8, leaky ReLU 0.2 scaled by sq
 FIR filter on every upsampling) without its custom CUDA ops: the FIR filters are depthwise convolutions
 and transposed convolutions, so the graph exports to ONNX with a dynamic batch and runs anywhere.
 Synthesis is deterministic: per-layer noise is the stored `noises.noise_i` buffers (randomize_noise off).
+
+Partial synthesis follows HairFastGAN's copy of the generator (AIRI-Institute/HairFastGAN
+`models/stylegan2/model.py` @ 49e98019c9243d1991c19d45764fc3340a498de2, `forward(start_layer, end_layer,
+layer_in)`): "block" b is that code's "layer" b. Block 0 is the 4 px constant, conv1 and to_rgb1; block
+b >= 1 is the b-th resolution level (8 px, 16 px, ... size), an upsampling conv, a conv and a to_rgb reading
+W+ entries 2b-1, 2b, 2b+1 and noises 2b-1, 2b. Starting at block b >= 1 feeds `layer_in` (the block's input
+features, 2**(b+1) px) to its upsampling conv and starts the RGB skip afresh at that block's to_rgb, as the
+public code does (its `skip` argument stays None). HairFastGAN's F tensor is the output of block 3
+(512 x 32 x 32 at 1024 px); it regenerates from blocks 4 and 5.
 """
 
 import argparse
@@ -203,6 +212,23 @@ class ToRGB(nn.Module):
         return out
 
 
+def expand_latent_avg(latent_avg: Tensor, n_latent: int, style_dim: int) -> Tensor:
+    """An average latent as W+ [n_latent, style_dim]: accepts [style_dim], [1, style_dim],
+    [n_latent, style_dim] or [1, n_latent, style_dim] (the shapes that broadcast onto a W+ batch);
+    anything else raises ValueError."""
+    latent_avg = latent_avg.detach().float()
+    if latent_avg.dim() == 3 and latent_avg.shape[0] == 1:
+        latent_avg = latent_avg[0]
+    if latent_avg.dim() == 1:
+        latent_avg = latent_avg.unsqueeze(0)
+    if latent_avg.dim() != 2 or latent_avg.shape[0] not in (1, n_latent) or latent_avg.shape[1] != style_dim:
+        raise ValueError(
+            f"latent_avg must be [{style_dim}], [1, {style_dim}], [{n_latent}, {style_dim}] or "
+            f"[1, {n_latent}, {style_dim}], got {list(latent_avg.shape)}"
+        )
+    return latent_avg.expand(n_latent, -1).clone()
+
+
 def channel_width(resolution: int, channel_multiplier: int, channel_max: int) -> int:
     """Feature channels at a resolution: the reference table (512 up to 32 px, then 256 * multiplier at
     64 px, halving with every doubling), capped at channel_max."""
@@ -270,20 +296,69 @@ class StyleGAN2Generator(nn.Module):
         z = torch.randn(n_samples, self.style_dim, generator=generator).to(self.input.input.device)
         return self.mapping(z).mean(dim=0, keepdim=True)
 
-    def synthesis(self, w_plus: Tensor) -> Tensor:
-        """W+ [N, n_latent, style_dim] -> image [N, 3, size, size], about [-1, 1]. Deterministic."""
+    @property
+    def n_blocks(self) -> int:
+        """Resolution blocks after the 4 px block 0 (8 at 1024 px): the last block index."""
+        return len(self.to_rgbs)
+
+    def _run_blocks(
+        self, w_plus: Tensor, layer_in: Tensor | None, start_block: int, end_block: int
+    ) -> tuple[Tensor, Tensor]:
+        """Blocks start_block..end_block: (features after end_block, RGB skip accumulated since start)."""
+        if not 0 <= start_block <= end_block <= self.n_blocks:
+            raise ValueError(
+                f"need 0 <= start_block <= end_block <= {self.n_blocks}, got {start_block} and {end_block}"
+            )
+        if (layer_in is None) != (start_block == 0):
+            raise ValueError("layer_in is required when (and only when) start_block > 0")
         noises = [getattr(self.noises, f"noise_{index}") for index in range(self.num_layers)]
-        out = self.conv1(self.input(w_plus), w_plus[:, 0], noises[0])
-        skip = self.to_rgb1(out, w_plus[:, 1])
-        for level, to_rgb in enumerate(self.to_rgbs):
-            first = 2 * level + 1  # latent and noise index of this resolution's first conv
-            out = self.convs[2 * level](out, w_plus[:, first], noises[first])
-            out = self.convs[2 * level + 1](out, w_plus[:, first + 1], noises[first + 1])
-            skip = to_rgb(out, w_plus[:, first + 2], skip)
-        return skip
+        skip = None
+        if start_block == 0:
+            out = self.conv1(self.input(w_plus), w_plus[:, 0], noises[0])
+            skip = self.to_rgb1(out, w_plus[:, 1])
+        else:
+            out = layer_in
+        for block in range(max(start_block, 1), end_block + 1):
+            first = 2 * block - 1  # latent and noise index of this block's upsampling conv
+            out = self.convs[first - 1](out, w_plus[:, first], noises[first])
+            out = self.convs[first](out, w_plus[:, first + 1], noises[first + 1])
+            skip = self.to_rgbs[block - 1](out, w_plus[:, first + 2], skip)
+        return out, skip
+
+    def synthesis(self, w_plus: Tensor, layer_in: Tensor | None = None, start_block: int = 0) -> Tensor:
+        """W+ [N, n_latent, style_dim] -> image [N, 3, size, size], about [-1, 1]. Deterministic.
+        With start_block b >= 1, `layer_in` [N, C, 2**(b+1), 2**(b+1)] replaces the output of block b-1
+        (HairFastGAN: start_layer=b, end_layer=8 at 1024 px)."""
+        return self._run_blocks(w_plus, layer_in, start_block, self.n_blocks)[1]
+
+    def features(
+        self, w_plus: Tensor, end_block: int, layer_in: Tensor | None = None, start_block: int = 0
+    ) -> Tensor:
+        """Features after block `end_block` [N, C, 2**(end_block+2), same] (HairFastGAN's intermediate
+        output: start_layer=start_block, end_layer=end_block; F is end_block 3)."""
+        return self._run_blocks(w_plus, layer_in, start_block, end_block)[0]
 
     def forward(self, w_plus: Tensor) -> Tensor:
         return self.synthesis(w_plus)
+
+
+class PartialSynthesis(nn.Module):
+    """One fixed slice of the generator as a module (for export): forward(w_plus[, layer_in]) runs blocks
+    start_block..end_block and returns the features after end_block, or with end_block None the image."""
+
+    def __init__(self, generator: StyleGAN2Generator, start_block: int = 0, end_block: int | None = None):
+        super().__init__()
+        last = generator.n_blocks if end_block is None else end_block
+        if not 0 <= start_block <= last <= generator.n_blocks:
+            raise ValueError(f"need 0 <= start_block <= end_block <= {generator.n_blocks}")
+        self.generator = generator
+        self.start_block = start_block
+        self.end_block = end_block
+
+    def forward(self, w_plus: Tensor, layer_in: Tensor | None = None) -> Tensor:
+        if self.end_block is None:
+            return self.generator.synthesis(w_plus, layer_in, self.start_block)
+        return self.generator.features(w_plus, self.end_block, layer_in, self.start_block)
 
 
 def load_stylegan2_checkpoint(path: Path, generator: StyleGAN2Generator | None = None) -> StyleGAN2Generator:
