@@ -98,7 +98,9 @@ class ACE(nn.Module):
             vectors = torch.stack(
                 [F.relu(getattr(self, f"fc_mu{k}")(style_codes[:, k])) for k in range(self.label_nc)], dim=1
             )
-            style_map = torch.einsum("nks,nkhw->nshw", vectors, segmentation)
+            # MatMul rather than Einsum: plainer for ONNX Runtime and TensorRT.
+            flat = vectors.transpose(1, 2) @ segmentation.flatten(2)  # [N, style, H * W]
+            style_map = flat.unflatten(2, segmentation.shape[2:])
             gamma_alpha, beta_alpha = torch.sigmoid(self.blending_gamma), torch.sigmoid(self.blending_beta)
             gamma = gamma_alpha * self.conv_gamma(style_map) + (1 - gamma_alpha) * gamma
             beta = beta_alpha * self.conv_beta(style_map) + (1 - beta_alpha) * beta
@@ -160,7 +162,7 @@ class Zencoder(nn.Module):
         """[N, classes, style_length]: the code map's mean over each class's pixels (zero if none)."""
         codes = self.model(image)
         masks = F.interpolate(segmentation, size=codes.shape[2:], mode="nearest")
-        sums = torch.einsum("nshw,nkhw->nks", codes, masks)
+        sums = masks.flatten(2) @ codes.flatten(2).transpose(1, 2)  # [N, classes, style]
         area = masks.sum(dim=(2, 3)).unsqueeze(-1)
         return sums / area.clamp(min=1.0)
 
