@@ -282,18 +282,24 @@ def test_mean_style_codes_errors_name_the_file(tmp_path):
 # --- strict loaders -------------------------------------------------------------------------------------
 
 
+def assert_same_entries(module: nn.Module, state: dict[str, Tensor]) -> None:
+    loaded = module.state_dict()
+    assert loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[key], value) for key, value in state.items())
+
+
 def test_loaders_accept_the_public_wrapping(tmp_path):
-    rotate = RotateModel()
+    rotate = RotateModel(width=16)
     state = randomize(rotate, seed=26)
     torch.save({"model_state_dict": state}, tmp_path / "rotate_best.pth")
-    loaded = load_rotate_checkpoint(tmp_path / "rotate_best.pth")
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    loaded = load_rotate_checkpoint(tmp_path / "rotate_best.pth", RotateModel(width=16))
+    assert_same_entries(loaded, state)
 
     shape = ShapeAdaptor(**TINY_SHAPE)
     state = randomize(shape, seed=27)
     torch.save(state, tmp_path / "mask_generator.pth")
     loaded = load_shape_adaptor_checkpoint(tmp_path / "mask_generator.pth", ShapeAdaptor(**TINY_SHAPE))
-    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in state.items())
+    assert_same_entries(loaded, state)
 
     sean = SEANGenerator(**TINY_SEAN)
     state = randomize(sean, seed=28)
@@ -302,7 +308,7 @@ def test_loaders_accept_the_public_wrapping(tmp_path):
     inpainter = load_sean_inpainter(
         tmp_path / "latest_net_G.pth", tmp_path / "codes", SEANGenerator(**TINY_SEAN)
     )
-    assert all(torch.equal(inpainter.generator.state_dict()[k], v) for k, v in state.items())
+    assert_same_entries(inpainter.generator, state)
     assert torch.equal(inpainter.mean_style_codes, torch.ones(CLASSES, 8))
 
 
