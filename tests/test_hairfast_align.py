@@ -44,6 +44,15 @@ SEAN_SIZE = 32
 pytestmark = pytest.mark.filterwarnings("ignore:input's size at dim=1 does not match num_features")
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny tensors: on the shared 2-core machine thread hand-offs cost far more than they save."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def keys_and_shapes(module: nn.Module) -> list[tuple[str, list[int]]]:
     return [(key, list(value.shape)) for key, value in module.state_dict().items()]
 
