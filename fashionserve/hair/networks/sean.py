@@ -211,10 +211,11 @@ class SEANGenerator(nn.Module):
 
 
 class SEANInpainter(nn.Module):
-    """HairFastGAN's SEAN step for one image per sample: forward(image [N, 3, crop, crop] in [-1, 1],
-    labels [N, 1, crop, crop], target_labels [N, 1, crop, crop]) -> the image's style rendered on the
-    target label map, [N, 3, crop, crop] in [-1, 1]. Classes whose code is all zero (absent from the
-    image) take the mean style code, as upstream's decode_sean does."""
+    """HairFastGAN's SEAN step for one image per sample: forward(image [N, 3, crop, crop], labels
+    [N, 1, crop, crop], target_labels [N, 1, crop, crop]) -> the image's style rendered on the target
+    label map, [N, 3, crop, crop] in [-1, 1]. HairFastGAN passes `image_256`, its bicubic 4x downsample
+    of the [0, 1] input, not normalised to [-1, 1]; the output goes to e4e as it is. Classes whose code
+    is all zero (absent from the image) take the mean style code, as upstream's decode_sean does."""
 
     def __init__(self, generator: SEANGenerator, mean_style_codes: Tensor):
         super().__init__()
