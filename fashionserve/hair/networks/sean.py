@@ -12,8 +12,9 @@ upsampling) as `models/Alignment.py` calls it:
 - `decode_sean`: every class whose code is all zero takes the class's mean style code (upstream reads
   them per call from `median/<class>/ACE.npy`; here a buffer loaded once), then the generator renders the
   target label map. Each ACE block writes relu(fc_mu<class>(code)) onto the class's pixels (upstream: a
-  masked_scatter_ loop over classes for sample 0 only; here a per-sample sum of one-hot planes times the
-  class vectors), blends the conv of that map with SPADE's gamma/beta by sigmoid(blending_*), and
+  masked_scatter_ loop over classes for sample 0 only; here, per sample, the conv of that map is
+  computed from the one-hot planes, see conv_of_style_map), blends the conv of that map with SPADE's
+  gamma/beta by sigmoid(blending_*), and
   normalises with batch norm on its running statistics (synchronized batch norm in eval mode).
 - Each ACE adds per-pixel Gaussian noise scaled per channel by `noise_var` (upstream draws it on every
   call). `noise=True` keeps that, in upstream's draw order and shape; `noise=False` leaves it out for a
@@ -44,6 +45,29 @@ def one_hot_labels(labels: Tensor, classes: int) -> Tensor:
     """[N, 1, H, W] integer label map -> [N, classes, H, W] float one-hot (out-of-range labels: all zero)."""
     index = torch.arange(classes, device=labels.device).view(1, -1, 1, 1)
     return (labels.long() == index).float()
+
+
+def class_patches(planes: Tensor) -> Tensor:
+    """[N, K, H, W] -> [N, K * 9, H * W]: each plane's 3x3 neighbourhoods (zero padding), index k * 9 + t
+    with t = 3 * dy + dx, i.e. im2col for a 3x3 convolution with padding 1 (slices, no Unfold op)."""
+    height, width = planes.shape[2:]
+    padded = F.pad(planes, (1, 1, 1, 1))
+    shifts = [padded[:, :, dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
+    return torch.stack(shifts, dim=2).flatten(1, 2).flatten(2)
+
+
+def conv_of_style_map(conv: nn.Conv2d, vectors: Tensor, planes: Tensor, patches: Tensor) -> Tensor:
+    """conv(style map) for the style map sum_k planes_k * vectors[:, k] (upstream's masked_scatter_
+    result), computed without building it. A convolution is linear in its input channels, so it equals a
+    3x3 convolution of the K class planes with per-sample weights W . vectors[:, k]: K instead of
+    style_length (19 vs 512) input channels. vectors [N, K, style], planes [N, K, H, W] and their
+    class_patches. Returns [N, out_channels, H, W]."""
+    out_channels, style_length = conv.weight.shape[:2]
+    taps = conv.weight.permute(0, 2, 3, 1).reshape(out_channels * 9, style_length)  # [O * 9, style]
+    weights = (taps @ vectors.transpose(1, 2)).unflatten(1, (out_channels, 9))  # [N, O, 9, K]
+    weights = weights.transpose(2, 3).flatten(2)  # [N, O, K * 9], index k * 9 + t as the patches
+    out = weights @ patches + conv.bias.view(1, -1, 1)  # [N, O, H * W]
+    return out.unflatten(2, planes.shape[2:])
 
 
 class SPADE(nn.Module):
@@ -94,16 +118,17 @@ class ACE(nn.Module):
         segmentation = F.interpolate(segmentation, size=x.shape[2:], mode="nearest")
         gamma, beta = self.Spade(segmentation)
         if self.use_rgb:
-            # [N, classes, style]: relu(fc_mu<k>(code of class k)), spread onto class k's pixels.
+            # [N, classes, style]: relu(fc_mu<k>(code of class k)); upstream scatters each onto class k's
+            # pixels and convolves that style map, conv_of_style_map gives the same from the planes.
             vectors = torch.stack(
                 [F.relu(getattr(self, f"fc_mu{k}")(style_codes[:, k])) for k in range(self.label_nc)], dim=1
             )
-            # MatMul rather than Einsum: plainer for ONNX Runtime and TensorRT.
-            flat = vectors.transpose(1, 2) @ segmentation.flatten(2)  # [N, style, H * W]
-            style_map = flat.unflatten(2, segmentation.shape[2:])
+            patches = class_patches(segmentation)
             gamma_alpha, beta_alpha = torch.sigmoid(self.blending_gamma), torch.sigmoid(self.blending_beta)
-            gamma = gamma_alpha * self.conv_gamma(style_map) + (1 - gamma_alpha) * gamma
-            beta = beta_alpha * self.conv_beta(style_map) + (1 - beta_alpha) * beta
+            gamma_style = conv_of_style_map(self.conv_gamma, vectors, segmentation, patches)
+            beta_style = conv_of_style_map(self.conv_beta, vectors, segmentation, patches)
+            gamma = gamma_alpha * gamma_style + (1 - gamma_alpha) * gamma
+            beta = beta_alpha * beta_style + (1 - beta_alpha) * beta
         return normalized * (1 + gamma) + beta
 
 
