@@ -1,9 +1,10 @@
 """Our re-typing of HairFastGAN's alignment inference path, used only as a test reference.
 
 Source read: github AIRI-Institute/HairFastGAN @ 49e98019c9243d1991c19d45764fc3340a498de2
-(`models/Alignment.py`, `models/Encoders.py` RotateModel/ModulationModule, `models/stylegan2/model.py`
-PixelNorm, the vendored CtrlHair `shape_branch/{model,solver,shape_util}.py` and `my_torchlib/module.py`,
-the vendored SEAN `sean_codes/models/{pix2pix_model.py,networks/{generator,architecture,normalization}.py}`).
+(`models/Alignment.py`, `models/Encoders.py` RotateModel (its ModulationModule and PixelNorm are
+imported from tests/hairfast_blend_reference.py, the same public classes), the vendored CtrlHair
+`shape_branch/{model,solver,shape_util}.py` and `my_torchlib/module.py`, the vendored SEAN
+`sean_codes/models/{pix2pix_model.py,networks/{generator,architecture,normalization}.py}`).
 
 Re-typed in the upstream style on purpose (per-sample, per-class Python loops, masked_select /
 masked_scatter_, a dict of per-class mean codes) so the tests compare our vectorised modules against it.
@@ -22,40 +23,13 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import spectral_norm
 
+from tests.hairfast_blend_reference import ModulationModule, PixelNorm
+
 HAIRFAST_COMMIT = "49e98019c9243d1991c19d45764fc3340a498de2"
 
-# --- Rotate (models/Encoders.py, models/stylegan2/model.py) ------------------------------------------
-
-
-class PixelNorm(nn.Module):
-    def forward(self, input):
-        return input * torch.rsqrt(torch.mean(input**2, dim=1, keepdim=True) + 1e-8)
-
-
-class ModulationModule(nn.Module):
-    def __init__(self, layernum, last=False, inp=512, middle=512):
-        super().__init__()
-        self.layernum = layernum
-        self.last = last
-        self.fc = nn.Linear(512, 512)
-        self.norm = nn.LayerNorm([self.layernum, 512], elementwise_affine=False)
-        self.gamma_function = nn.Sequential(
-            nn.Linear(inp, middle), nn.LayerNorm([middle]), nn.LeakyReLU(), nn.Linear(middle, 512)
-        )
-        self.beta_function = nn.Sequential(
-            nn.Linear(inp, middle), nn.LayerNorm([middle]), nn.LeakyReLU(), nn.Linear(middle, 512)
-        )
-        self.leakyrelu = nn.LeakyReLU()
-
-    def forward(self, x, embedding):
-        x = self.fc(x)
-        x = self.norm(x)
-        gamma = self.gamma_function(embedding)
-        beta = self.beta_function(embedding)
-        out = x * (1 + gamma) + beta
-        if not self.last:
-            out = self.leakyrelu(out)
-        return out
+# --- Rotate (models/Encoders.py) ----------------------------------------------------------------------
+# PixelNorm and ModulationModule are the same public classes the colour step uses: re-typed once, in
+# tests/hairfast_blend_reference.py (same commit).
 
 
 class RotateModel(nn.Module):
