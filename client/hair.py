@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
+from fashionserve.hair.directions import per_layer_direction  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 
 TRANSFER, EDIT = "hair_transfer", "hair_edit"
@@ -104,20 +105,10 @@ def read_direction(path: Path | None, n_latent: int, style_dim: int) -> np.ndarr
         direction = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read direction {path} as .npy: {exc}") from None
-    if not np.issubdtype(direction.dtype, np.floating):
-        raise UserError(f"direction {path} holds {direction.dtype}, expected floats")
-    if direction.shape in ((style_dim,), (1, style_dim)):
-        direction = np.repeat(direction.reshape(1, style_dim), n_latent, axis=0)
-    elif direction.shape in ((n_latent, style_dim), (1, n_latent, style_dim)):
-        direction = direction.reshape(n_latent, style_dim)
-    else:
-        raise UserError(
-            f"direction {path} has shape {list(direction.shape)}; the served model takes "
-            f"[{style_dim}], [1, {style_dim}] or [{n_latent}, {style_dim}]"
-        )
-    if not np.isfinite(direction).all():
-        raise UserError(f"direction {path} holds NaN or infinite values")
-    return direction.astype(np.float32)
+    try:
+        return per_layer_direction(direction, n_latent, style_dim)
+    except ValueError as exc:
+        raise UserError(f"direction {path} {exc}") from None
 
 
 def transfer_items(args: argparse.Namespace, size: int) -> list[Item]:
