@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.bench import Result, machine, sample_batches, write_report  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.tryon.stages import TryonConfig, TryonPipeline, build_networks  # noqa: E402
 
 REFERENCE = "cuda-fp32-eager"
@@ -42,9 +42,7 @@ SIZES = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--size", choices=SIZES, default="public", help="pipeline size (default public)")
     parser.add_argument("--seed", type=int, default=0, help="random-init seed (default 0)")
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")

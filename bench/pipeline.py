@@ -57,7 +57,7 @@ from fashionserve.bench import (  # noqa: E402
     sample_batches,
     write_report,
 )
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.client import PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 from fashionserve.hair.stages import HairConfig  # noqa: E402
 from fashionserve.launcher import ServerError, TritonServer  # noqa: E402
@@ -130,9 +130,7 @@ class BenchError(Exception):
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument(
         "--pipeline",
         choices=PIPELINES,

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import command_parser, run  # noqa: E402
 from fashionserve.tryon.dataset import PAIRS_FILE, load_tryon_inputs, read_pairs  # noqa: E402
 from fashionserve.tryon.samples import write_sample_set  # noqa: E402
 from fashionserve.tryon.stages import TryonConfig  # noqa: E402
@@ -111,8 +111,8 @@ def write_section(doc: Path, section: str, text: str) -> None:
 
 def _bundle(size: str, work: Path, log: Callable[[str], None]) -> Path:
     """A random-init bundle of `size` with both variants, made once under `work` and reused after."""
-    from fashionserve.quantization import QuantizeOptions, quantize_bundle
     from fashionserve.tryon.bundle import export_bundle, load_networks, read_manifest
+    from fashionserve.tryon.quantize import QuantizeOptions, quantize_bundle
 
     bundle = work / f"tryon-{size}"
     if not bundle.is_dir():
@@ -133,8 +133,9 @@ def bench_onnxruntime(
     calls run in rounds that alternate the variants, so background load hits them alike."""
     import torch
 
-    from fashionserve.quantization import OnnxPipeline, open_session
+    from fashionserve.quantization import open_session
     from fashionserve.tryon.bundle import STAGES, read_manifest, stage_inputs
+    from fashionserve.tryon.quantize import OnnxPipeline
 
     bundle = _bundle(size, work, log)
     manifest = read_manifest(bundle)
@@ -292,9 +293,7 @@ def bench_cuda(batches: tuple[int, int], iterations: int, warmup: int, log: Call
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--sizes", default="test,public", help="comma-separated: test, public (default both)")
     parser.add_argument("--batches", default="1,2", help="LATENCY_BATCH,THROUGHPUT_BATCH (default 1,2)")
     parser.add_argument(

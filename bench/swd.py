@@ -10,7 +10,6 @@ Examples:
   python bench/swd.py fp32.npy int8.npy --seed 0 --json work/swd.json
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from PIL import Image, UnidentifiedImageError
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.catalogue.swd import SWDError, swd  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -55,9 +54,7 @@ def read_set(path: Path, count: int | None) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("first", type=Path, help="image folder or .npy file (e.g. the real images)")
     parser.add_argument("second", type=Path, help="image folder or .npy file (e.g. the generated images)")
     parser.add_argument("--count", type=int, help="images per set (default: the smaller set's size)")

@@ -8,7 +8,6 @@ Examples:
   python client/classify.py photos/*.jpg --top 3 --protocol http --url 127.0.0.1:8000
 """
 
-import argparse
 import sys
 from pathlib import Path
 
@@ -17,9 +16,9 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.catalogue.classifier import CLASSES, UPPER_BODY  # noqa: E402
 from fashionserve.catalogue.gate import GATE_MODEL  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.catalogue.networks.classifier import CLASSES, UPPER_BODY  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 
 
@@ -35,9 +34,7 @@ def read_photo(path: Path) -> np.ndarray:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("images", type=Path, nargs="+", help="garment photos (PNG, JPEG, ...)")
     parser.add_argument("--top", type=int, default=1, help="classes to list per photo (default 1)")
     parser.add_argument("--url", help="Triton address (default 127.0.0.1:8001 for grpc, :8000 for http)")

@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 
 GAP = 4  # pixels between images on the sheet
@@ -25,9 +25,7 @@ SHEET_BACKGROUND = 255
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     latents = parser.add_mutually_exclusive_group()
     latents.add_argument("--count", type=int, default=8, help="images to generate (default 8)")
     latents.add_argument("--latents", type=Path, help=".npy file of latent vectors [count, latent_dim]")

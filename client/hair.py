@@ -30,7 +30,7 @@ from PIL import Image, UnidentifiedImageError
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 from fashionserve.hair.directions import per_layer_direction  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
@@ -42,9 +42,7 @@ Item = tuple[str, dict[str, np.ndarray]]  # output name, one sample's inputs
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--portrait", type=Path, nargs="+", help="portrait image(s) (default: the samples)")
     transfer = parser.add_argument_group("transfer (default mode)")
     transfer.add_argument("--reference", type=Path, nargs="+", help="portrait(s) whose hairstyle to take")

@@ -30,7 +30,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.catalogue.gate import DEFAULT_THRESHOLD, GATE_MODEL, classify  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
 from fashionserve.tryon.dataset import (  # noqa: E402
     DatasetError,
@@ -53,9 +53,7 @@ EXPLICIT_FILES = {
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     folder = parser.add_argument_group("inputs from a VITON-HD-layout folder")
     folder.add_argument("--dataroot", type=Path, help="folder in VITON-HD layout")
     folder.add_argument("--split", default="test", help="sub-folder of DATAROOT (default test)")

@@ -25,7 +25,7 @@ sys.path.insert(0, str(PROJECT_ROOT))  # run as a script from a checkout
 
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
     RANDOM_INIT,
@@ -33,14 +33,11 @@ from fashionserve.registry import (  # noqa: E402
     connect,
     promote,
     register_bundle,
-    tracking_uri_default,
 )
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--alias", default=ALIAS, help="alias the demo gets (default: %(default)s)")
     parser.add_argument(
         "--bundles", type=Path, required=True, metavar="DIR", help="folder the demo bundle is exported into"
@@ -48,11 +45,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--resolution", default="1024x768", help="HEIGHTxWIDTH of the demo bundle (default %(default)s)"
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=tracking_uri_default(),
-        help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
-    )
+    add_tracking_uri(parser)
     args, export_args = parser.parse_known_args()
     if export_args[:1] == ["--"]:
         export_args = export_args[1:]

@@ -22,27 +22,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from mlflow.exceptions import MlflowException  # noqa: E402
 
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.plans import PlanError, build_bundle_plans, local_gpu, plan_networks, require_tensorrt  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
     GATE_FORCED_TAG,
-    PLAN_STORE_INDEX,
     RegistryError,
     bundle_digest,
     connect,
     download_bundle,
-    plan_store_dir,
-    publish_plans,
-    tracking_uri_default,
 )
 from fashionserve.repository import PRECISIONS, RenderError  # noqa: E402
+from fashionserve.sync import PLAN_STORE_INDEX, plan_store_dir, publish_plans  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("--model", default="tryon", help="registered model (default: %(default)s)")
     which = parser.add_mutually_exclusive_group()
     which.add_argument(
@@ -59,11 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--workspace-gib", type=float, default=8.0, help="TensorRT builder workspace in GiB (default 8)"
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=tracking_uri_default(),
-        help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
-    )
+    add_tracking_uri(parser)
     return parser.parse_args()
 
 

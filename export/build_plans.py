@@ -19,15 +19,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import command_parser, run  # noqa: E402
 from fashionserve.plans import PlanError, build_bundle_plans  # noqa: E402
 from fashionserve.repository import PRECISIONS, RenderError, render_repository  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("bundle", type=Path, help="bundle directory (export/tryon.py, export/quantize.py)")
     parser.add_argument(
         "--variant", choices=PRECISIONS, default="fp32", help="ONNX variant to build from (default fp32)"

@@ -15,20 +15,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.catalogue.bundles import export_generator_bundle, load_fashion_generator  # noqa: E402
-from fashionserve.catalogue.export_cli import export_parser, parse_export_args, report_written  # noqa: E402
-from fashionserve.catalogue.pggan import GENERATOR_KEYS, PGGANConfig  # noqa: E402
+from fashionserve.catalogue.bundle import export_generator_bundle, load_fashion_generator  # noqa: E402
+from fashionserve.catalogue.networks.pggan import GENERATOR_KEYS, PGGANConfig  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, export_parser, parse_export_args, report_written, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
 RANDOM_OUTPUTS = "images are noise"
 
 
 def main() -> None:
-    parser, weights = export_parser(
-        __doc__, "pytorch_GAN_zoo PGAN checkpoint (.pth / .pt)", RANDOM_OUTPUTS, max_batch=4
-    )
+    parser, weights = export_parser(__doc__, "weights", RANDOM_OUTPUTS, max_batch=4)
+    weights.add_argument("--checkpoint", type=Path, help="pytorch_GAN_zoo PGAN checkpoint (.pth / .pt)")
     weights.add_argument(
         "--generator",
         choices=GENERATOR_KEYS,
@@ -41,7 +39,7 @@ def main() -> None:
         "--max-channels", type=int, default=512, help="cap on every scale's depth (default 512)"
     )
     shape.add_argument("--latent-dim", type=int, default=512, help="latent vector size (default 512)")
-    args = parse_export_args(parser)
+    args = parse_export_args(parser, required=("checkpoint",))
     try:
         config = PGGANConfig.for_resolution(args.resolution, args.max_channels, args.latent_dim)
     except ValueError as exc:

@@ -14,24 +14,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.catalogue.bundles import export_classifier_bundle, load_garment_classifier  # noqa: E402
-from fashionserve.catalogue.classifier import ClassifierConfig  # noqa: E402
-from fashionserve.catalogue.export_cli import export_parser, parse_export_args, report_written  # noqa: E402
+from fashionserve.catalogue.bundle import export_classifier_bundle, load_garment_classifier  # noqa: E402
+from fashionserve.catalogue.networks.classifier import ClassifierConfig  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import export_parser, parse_export_args, report_written, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 
 RANDOM_OUTPUTS = "predictions are meaningless"
 
 
 def main() -> None:
-    parser, _ = export_parser(
-        __doc__, "checkpoint written by train/garment_classifier.py", RANDOM_OUTPUTS, max_batch=8
-    )
+    parser, weights = export_parser(__doc__, "weights", RANDOM_OUTPUTS, max_batch=8)
+    weights.add_argument("--checkpoint", type=Path, help="checkpoint written by train/garment_classifier.py")
     shape = parser.add_argument_group("architecture for --random-init (a checkpoint carries its own)")
     shape.add_argument("--width", type=int, default=32, help="channels of the first conv block (default 32)")
     shape.add_argument("--hidden", type=int, default=128, help="hidden units of the head (default 128)")
-    args = parse_export_args(parser)
+    args = parse_export_args(parser, required=("checkpoint",))
     started = time.monotonic()
     config = ClassifierConfig(width=args.width, hidden=args.hidden)
     model, provenance = load_garment_classifier(args.checkpoint, config, args.seed)

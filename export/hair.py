@@ -18,12 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.bundle import RANDOM_INIT  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, export_parser, parse_export_args, report_written, run  # noqa: E402
 from fashionserve.hair.bundle import export_bundle, load_networks  # noqa: E402
 from fashionserve.hair.stages import HairConfig, parse_layers  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
+
+RANDOM_OUTPUTS = "outputs are noise"
 
 
 def parse_units(text: str) -> tuple[int, int, int, int]:
@@ -36,21 +37,14 @@ def parse_units(text: str) -> tuple[int, int, int, int]:
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser, weights = export_parser(
+        __doc__, "weights (checkpoints in the public layouts, or random)", RANDOM_OUTPUTS
     )
-    weights = parser.add_argument_group("weights (checkpoints in the public layouts, or random)")
     weights.add_argument("--e4e-checkpoint", type=Path, help="encoder4editing .pt (e4e_ffhq_encode.pt)")
     weights.add_argument("--parser-checkpoint", type=Path, help="BiSeNet face parser .pth (79999_iter.pth)")
     weights.add_argument(
         "--generator-checkpoint", type=Path, help="rosinality StyleGAN2 .pt (g_ema) replacing the e4e decoder"
     )
-    weights.add_argument(
-        "--random-init",
-        action="store_true",
-        help=f"seeded random weights instead of checkpoints: outputs are noise, tagged {RANDOM_INIT}",
-    )
-    weights.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     shape = parser.add_argument_group("sizes (defaults: the public configuration)")
     shape.add_argument(
         "--resolution",
@@ -81,17 +75,9 @@ def parse_args() -> argparse.Namespace:
         default=0.0,
         help="gaussian sigma of the mask feathering in parser pixels (default: parser size / 64)",
     )
-    parser.add_argument(
-        "--max-batch", type=int, default=4, help="largest batch the ONNX files accept (default 4)"
+    return parse_export_args(
+        parser, required=("e4e_checkpoint", "parser_checkpoint"), optional=("generator_checkpoint",)
     )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
-    args = parser.parse_args()
-    checkpoints = (args.e4e_checkpoint, args.parser_checkpoint, args.generator_checkpoint)
-    if args.random_init and any(checkpoints):
-        parser.error("--random-init and checkpoints exclude each other")
-    if not args.random_init and not (args.e4e_checkpoint and args.parser_checkpoint):
-        parser.error("give both --e4e-checkpoint and --parser-checkpoint, or --random-init")
-    return args
 
 
 def main() -> None:
@@ -119,10 +105,9 @@ def main() -> None:
     except ValueError as exc:  # a size or width the networks cannot be built with
         raise UserError(str(exc)) from None
     manifest = export_bundle(pipeline, provenance, args.out, max_batch=args.max_batch)
-    tag = f" [{RANDOM_INIT}: outputs are noise]" if manifest["random_init"] else ""
     config = manifest["config"]
     print(f"W+ layers taken from the reference: {config['hair_layers']} of 0..{config['n_latent'] - 1}")
-    print(f"bundle written to {args.out} in {time.monotonic() - started:.0f}s{tag}")
+    report_written(args.out, manifest, started, RANDOM_OUTPUTS)
 
 
 if __name__ == "__main__":

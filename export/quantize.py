@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.bundle import read_manifest  # noqa: E402
-from fashionserve.catalogue.bundles import CLASSIFIER, GENERATOR  # noqa: E402
+from fashionserve.catalogue.bundle import CLASSIFIER, GENERATOR  # noqa: E402
 from fashionserve.catalogue.quantize import (  # noqa: E402
     DEFAULT_MAX_PROBABILITY_ERROR,
     DEFAULT_MAX_SWD,
@@ -42,7 +42,7 @@ from fashionserve.catalogue.quantize import (  # noqa: E402
     quantize_classifier_bundle,
     quantize_generator_bundle,
 )
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.hair.bundle import PIPELINE as HAIR  # noqa: E402
 from fashionserve.hair.quantize import HairQuantizeOptions, quantize_hair_bundle  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
@@ -53,14 +53,13 @@ from fashionserve.quantization import (  # noqa: E402
     VARIANTS,
     GateFailure,
     QuantizationError,
-    QuantizeOptions,
     Thresholds,
     gate_failures,
-    quantize_bundle,
     silence_onnxruntime_quantization_logs,
 )
 from fashionserve.tryon.bundle import ENSEMBLE as TRYON  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError  # noqa: E402
+from fashionserve.tryon.quantize import QuantizeOptions, quantize_bundle  # noqa: E402
 
 DRAWN = "samples"
 PIPELINES = (TRYON, GENERATOR, CLASSIFIER, HAIR)
@@ -111,9 +110,7 @@ PIPELINE_OPTIONS[HAIR] = PIPELINE_OPTIONS[TRYON] - {"calibration_dir", "eval_dir
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("bundle", type=Path, help="bundle directory written by export/*.py")
     parser.add_argument(
         "--variants",

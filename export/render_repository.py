@@ -10,22 +10,19 @@ Example:
   python export/render_repository.py work/bundles/tryon-demo --target cpu --out work/model_repository
 """
 
-import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.bundle import read_manifest  # noqa: E402
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import command_parser, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
 from fashionserve.repository import PRECISIONS, TARGETS, RenderError, render_repository  # noqa: E402
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("bundle", type=Path, help="bundle directory written by an export/ CLI")
     parser.add_argument("--target", choices=TARGETS, default="cpu", help="cpu (default) or gpu")
     parser.add_argument(

@@ -13,25 +13,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, export_parser, parse_export_args, report_written, run  # noqa: E402
 from fashionserve.onnx_export import ExportError  # noqa: E402
-from fashionserve.tryon.bundle import RANDOM_INIT, export_bundle, load_networks  # noqa: E402
+from fashionserve.tryon.bundle import export_bundle, load_networks  # noqa: E402
 from fashionserve.tryon.stages import TryonConfig, parse_resolution  # noqa: E402
+
+RANDOM_OUTPUTS = "outputs are noise"
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    parser, weights = export_parser(
+        __doc__, "weights (checkpoints in the official HR-VITON layout, or random)", RANDOM_OUTPUTS
     )
-    weights = parser.add_argument_group("weights (checkpoints in the official HR-VITON layout, or random)")
     weights.add_argument("--condition-checkpoint", type=Path, help="condition generator .pth (mtviton.pth)")
     weights.add_argument("--image-checkpoint", type=Path, help="SPADE image generator .pth (gen.pth)")
-    weights.add_argument(
-        "--random-init",
-        action="store_true",
-        help=f"seeded random weights instead of checkpoints: outputs are noise, tagged {RANDOM_INIT}",
-    )
-    weights.add_argument("--seed", type=int, default=0, help="seed for --random-init (default 0)")
     shape = parser.add_argument_group("architecture (defaults: the public configuration)")
     shape.add_argument(
         "--resolution",
@@ -48,16 +43,7 @@ def parse_args() -> argparse.Namespace:
     shape.add_argument("--spade-hidden", type=int, default=128, help="SPADE hidden channels (default 128)")
     shape.add_argument("--no-occlusion", action="store_true", help="skip the official occlusion handling")
     shape.add_argument("--noise", action="store_true", help="keep SPADE noise (non-deterministic outputs)")
-    parser.add_argument(
-        "--max-batch", type=int, default=4, help="largest batch the ONNX files accept (default 4)"
-    )
-    parser.add_argument("--out", type=Path, required=True, help="bundle directory to create (must not exist)")
-    args = parser.parse_args()
-    if args.random_init and (args.condition_checkpoint or args.image_checkpoint):
-        parser.error("--random-init and checkpoints exclude each other")
-    if not args.random_init and not (args.condition_checkpoint and args.image_checkpoint):
-        parser.error("give both --condition-checkpoint and --image-checkpoint, or --random-init")
-    return args
+    return parse_export_args(parser, required=("condition_checkpoint", "image_checkpoint"))
 
 
 def main() -> None:
@@ -76,8 +62,7 @@ def main() -> None:
     print(f"building networks ({f'random-init, seed {args.seed}' if args.random_init else 'checkpoints'})")
     pipeline, provenance = load_networks(config, args.condition_checkpoint, args.image_checkpoint, args.seed)
     manifest = export_bundle(pipeline, config, provenance, args.out, max_batch=args.max_batch)
-    tag = f" [{RANDOM_INIT}: outputs are noise]" if manifest["random_init"] else ""
-    print(f"bundle written to {args.out} in {time.monotonic() - started:.0f}s{tag}")
+    report_written(args.out, manifest, started, RANDOM_OUTPUTS)
 
 
 if __name__ == "__main__":

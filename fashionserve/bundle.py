@@ -22,7 +22,6 @@ from fashionserve.checkpoints import sha256_file
 from fashionserve.onnx_export import OPSET, ExportError, export_onnx, max_abs_error, run_onnx, tensor_specs
 from fashionserve.repository import TRACKED_REPOSITORY, read_config
 
-RANDOM_INIT = "random-init"
 MANIFEST = "manifest.json"
 
 # (stage name, output name, PyTorch reference, ONNX Runtime result) -> error compared with the tolerance

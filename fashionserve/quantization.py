@@ -1,50 +1,40 @@
-"""FP16 and INT8 Q/DQ variants of a bundle's heavy networks, and the quality gate that judges them.
+"""FP16 and INT8 Q/DQ variants of a bundle's networks: the machinery every pipeline's gate uses.
 
 - FP16: onnxconverter-common's float16 conversion, inputs/outputs kept fp32. Normalization statistics,
   grid/flow math and argmax/softmax stay fp32 by design; more layers stay fp32 where measurement says so.
 - INT8: ONNX Runtime static quantization in Q/DQ form, int8 symmetric activations and per-channel
   symmetric weights (what TensorRT needs), calibrated with min/max ranges on each network's real
-  inputs: the fp32 stages before it run on calibration samples.
+  inputs (the pipeline's fp32 stages before it, run on calibration samples).
 - Per-layer exclusions by measurement: every candidate layer gets a sensitivity (the signal-to-noise
   ratio of its own tensors in the lower precision, measured on the calibration set); the most sensitive
-  layers go back to fp32 in growing steps until the final try-on image on the calibration set meets
+  layers go back to fp32 in growing steps until the pipeline's quality on the calibration set meets
   the variant's thresholds (or the exclusion budget is spent).
-- Quality gate: the whole pipeline (the bundle's five stage files chained in ONNX Runtime with the
-  tracked ensemble wiring) runs in fp32 and with the variant swapped in, on an evaluation set; SSIM and
-  PSNR of the final uint8 images and each network's max/mean abs error go into the manifest.
 
-The bundle is only ever updated through `commit_variants` (files renamed into place, manifest last).
+Each pipeline's `quantize` module supplies the samples, the quality measure and the gate
+(`fashionserve.tryon.quantize`, `fashionserve.hair.quantize`, `fashionserve.catalogue.quantize`).
+A bundle is only ever updated through `commit_variants` (files renamed into place, manifest last).
 """
 
 import copy
 import logging
 import math
 import shutil
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from functools import partial
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
-import torch
 from onnxconverter_common import float16
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.qdq_loss_debug import compute_weight_error, create_weight_matching
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
-from fashionserve.checkpoints import sha256_file
-from fashionserve.onnx_export import run_onnx
-from fashionserve.plans import HEAVY_NETWORKS
-from fashionserve.tryon.bundle import STAGES, read_manifest, stage_inputs, write_manifest
-from fashionserve.tryon.dataset import PAIRS_FILE, load_tryon_inputs, read_pairs
-from fashionserve.tryon.samples import write_sample_set
+from fashionserve.bundle import read_manifest, write_manifest
 
 VARIANTS = ("fp16", "int8")
 DEFAULT_MIN_SSIM = {"fp16": 0.98, "int8": 0.95}
@@ -65,7 +55,6 @@ FP16_BLOCKED_OP_TYPES = (
     "Softmax",
 )
 INT8_OP_TYPES = ("Conv",)  # TensorRT's int8 speed comes from convolutions; everything else stays float
-_DRAWN_PAIRS_PER_SEED = 4  # the drawn set has 2 persons x 2 garments
 
 
 class QuantizationError(Exception):
@@ -110,60 +99,6 @@ def variant_file(network: str, variant: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------------
-# Samples
-
-
-@dataclass(frozen=True)
-class SampleSet:
-    """Client inputs (uint8, no batch dimension) of some try-on pairs, and where they came from."""
-
-    source: str
-    names: list[str]
-    inputs: list[dict[str, np.ndarray]]
-
-
-def load_samples(
-    dataroot: Path | None, height: int, width: int, count: int, offset: int = 0, split: str = "test"
-) -> SampleSet:
-    """`count` pairs starting at pair `offset`: from the pairs file of a VITON-HD-layout folder, or
-    (dataroot None) from the drawn sample set, 4 pairs per seed. The images must be height x width."""
-    if count < 1:
-        raise QuantizationError(f"sample count must be at least 1, got {count}")
-    if dataroot is None:
-        return _drawn_samples(height, width, count, offset)
-    pairs = read_pairs(dataroot / PAIRS_FILE.format(split=split))
-    if not pairs:
-        raise QuantizationError(f"{dataroot}: the pairs file lists no pairs")
-    chosen = [pairs[(offset + i) % len(pairs)] for i in range(count)]  # wraps round a short list
-    inputs = []
-    for person, cloth in chosen:
-        sample = load_tryon_inputs(dataroot, person, cloth, split=split)
-        size = sample["cloth"].shape[:2]
-        if size != (height, width):
-            raise QuantizationError(
-                f"{dataroot}: pair {person} {cloth} is {size[0]}x{size[1]}, "
-                f"the bundle expects {height}x{width}"
-            )
-        inputs.append(sample)
-    return SampleSet(str(dataroot), [f"{p} {c}" for p, c in chosen], inputs)
-
-
-def _drawn_samples(height: int, width: int, count: int, offset: int) -> SampleSet:
-    names, inputs = [], []
-    with tempfile.TemporaryDirectory(prefix="fashionserve-samples-") as tmp:
-        for index in range(offset, offset + count):
-            seed, combination = divmod(index, _DRAWN_PAIRS_PER_SEED)
-            root = Path(tmp) / f"seed{seed}"
-            if not root.exists():
-                write_sample_set(root, height=height, width=width, seed=seed)
-            persons = sorted({p for p, _ in read_pairs(root / PAIRS_FILE.format(split="test"))})
-            person, cloth = persons[combination // 2], persons[combination % 2]
-            inputs.append(load_tryon_inputs(root, person, cloth))
-            names.append(f"drawn seed {seed}: {person} {cloth}")
-    return SampleSet("drawn samples", names, inputs)
-
-
-# ---------------------------------------------------------------------------------------------------
 # The pipeline in ONNX Runtime
 
 
@@ -174,38 +109,6 @@ def open_session(path: Path | str, arena: bool = False) -> ort.InferenceSession:
     options.enable_cpu_mem_arena = arena
     options.log_severity_level = 3  # ORT's own warnings (e.g. about unused initializers) are not ours
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def _run_stage(session: ort.InferenceSession, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    return tuple(torch.from_numpy(output) for output in run_onnx(session, args))
-
-
-class OnnxPipeline:
-    """The bundle's stage files as ONNX Runtime sessions. `stages[name](*tensors)` runs one stage, so
-    `fashionserve.tryon.bundle.stage_inputs` chains them with the tracked ensemble wiring."""
-
-    def __init__(self, sessions: dict[str, ort.InferenceSession]):
-        self.sessions = sessions
-        self.stages = {name: partial(_run_stage, session) for name, session in sessions.items()}
-
-    @classmethod
-    def from_bundle(cls, bundle_dir: Path, manifest: dict, arena: bool = False) -> "OnnxPipeline":
-        files = {s.name: bundle_dir / manifest["models"][s.name]["file"] for s in STAGES}
-        return cls({name: open_session(path, arena) for name, path in files.items()})
-
-    def swapped(self, network: str, session: ort.InferenceSession) -> "OnnxPipeline":
-        """The same pipeline with one network replaced."""
-        return OnnxPipeline({**self.sessions, network: session})
-
-    def run(self, sample: dict[str, np.ndarray]) -> dict[str, tuple]:
-        """Every stage's (inputs, outputs) for one sample (batch of one)."""
-        args = tuple(torch.from_numpy(sample[name][None]) for name in STAGES[0].inputs)
-        return stage_inputs(self, args)
-
-
-def final_image(run: dict[str, tuple]) -> np.ndarray:
-    """The uint8 try-on image (H, W, 3) of a one-sample run."""
-    return run[STAGES[-1].name][1][0][0].numpy()
 
 
 def image_quality(references: list[np.ndarray], images: list[np.ndarray]) -> dict[str, float]:
@@ -225,30 +128,6 @@ def _psnr(reference: np.ndarray, image: np.ndarray) -> float:
     if np.array_equal(reference, image):
         return PSNR_CAP_DB
     return min(PSNR_CAP_DB, float(peak_signal_noise_ratio(reference, image, data_range=255)))
-
-
-def pipeline_quality(pipeline: OnnxPipeline, samples: SampleSet, references: list[np.ndarray]) -> dict:
-    """Quality of `pipeline`'s final images against the fp32 references of the same samples."""
-    return image_quality(references, [final_image(pipeline.run(sample)) for sample in samples.inputs])
-
-
-def network_errors(session: ort.InferenceSession, network: str, reference_runs: list[dict]) -> dict:
-    """Max and mean abs error of a variant network fed the fp32 pipeline's inputs, per output."""
-    outputs = next(s for s in STAGES if s.name == network).outputs
-    worst: dict[str, float] = dict.fromkeys(outputs, 0.0)
-    total: dict[str, float] = dict.fromkeys(outputs, 0.0)
-    count: dict[str, int] = dict.fromkeys(outputs, 0)
-    for run in reference_runs:
-        args, expected = run[network]
-        for name, reference, actual in zip(outputs, expected, run_onnx(session, args), strict=True):
-            error = np.abs(reference.numpy().astype(np.float64) - actual.astype(np.float64))
-            worst[name] = max(worst[name], float(error.max(initial=0.0)))
-            total[name] += float(error.sum())
-            count[name] += error.size
-    return {
-        "max_abs_error": worst,
-        "mean_abs_error": {name: total[name] / max(count[name], 1) for name in outputs},
-    }
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -691,185 +570,11 @@ def _search_step(count: int, quality: dict, thresholds: Thresholds, log: Callabl
     misses = thresholds.failures(quality)
     verdict = "; ".join(misses) if misses else "meets thresholds"
     log(f"    {count:3d} layers kept fp32: SSIM {quality['ssim_mean']:.4f}, {verdict}")
-    return {"excluded_layers": count, **_rounded(quality)}
+    return {"excluded_layers": count, **rounded(quality)}
 
 
-def _rounded(values: dict[str, float]) -> dict[str, float]:
+def rounded(values: dict[str, float]) -> dict[str, float]:
     return {key: float(f"{value:.6g}") for key, value in values.items()}
-
-
-# ---------------------------------------------------------------------------------------------------
-# Whole bundle
-
-
-@dataclass(frozen=True)
-class QuantizeOptions:
-    variants: tuple[str, ...] = VARIANTS
-    calibration_dir: Path | None = None  # None: the drawn sample set
-    calibration_samples: int = 8
-    eval_dir: Path | None = None  # None: same source as calibration, the pairs after the calibration ones
-    eval_samples: int = 4
-    thresholds: dict[str, Thresholds] = field(
-        default_factory=lambda: {v: default_thresholds(v) for v in VARIANTS}
-    )
-    max_excluded_fraction: float = DEFAULT_MAX_EXCLUDED_FRACTION
-
-
-def _network_feeds(
-    runs: list[dict], network: str, session: ort.InferenceSession
-) -> list[dict[str, np.ndarray]]:
-    names = [i.name for i in session.get_inputs()]
-    return [{n: t.numpy() for n, t in zip(names, run[network][0], strict=True)} for run in runs]
-
-
-def evaluate_variant(
-    pipeline: OnnxPipeline,
-    files: dict[str, Path],
-    samples: SampleSet,
-    reference_runs: list[dict],
-    thresholds: Thresholds,
-) -> dict:
-    """The quality gate for one variant: the pipeline with every network in `files` swapped in against
-    the fp32 runs of the same samples. Returns the record stored under manifest['variants'][variant]."""
-    sessions = {network: open_session(path) for network, path in files.items()}
-    swapped = pipeline
-    for network, session in sessions.items():
-        swapped = swapped.swapped(network, session)
-    quality = pipeline_quality(swapped, samples, [final_image(run) for run in reference_runs])
-    misses = thresholds.failures(quality)
-    return {
-        "passed": not misses,
-        "reason": "; ".join(misses),
-        "thresholds": {"min_ssim": thresholds.min_ssim, "min_psnr": thresholds.min_psnr},
-        "quality": _rounded(quality),
-        "network_errors": {
-            network: {k: _rounded(v) for k, v in network_errors(session, network, reference_runs).items()}
-            for network, session in sessions.items()
-        },
-    }
-
-
-@dataclass
-class _References:
-    """fp32 runs of the calibration and evaluation samples, shared by every variant."""
-
-    pipeline: OnnxPipeline
-    calibration: SampleSet
-    evaluation: SampleSet
-    calibration_runs: list[dict]
-    evaluation_runs: list[dict]
-
-    def calibration_quality(self, network: str, session: ort.InferenceSession) -> dict:
-        """Final-image quality on the calibration set with one network swapped."""
-        images = [final_image(run) for run in self.calibration_runs]
-        return pipeline_quality(self.pipeline.swapped(network, session), self.calibration, images)
-
-
-def _references(bundle_dir: Path, manifest: dict, options: QuantizeOptions, log: Callable) -> _References:
-    height, width = manifest["config"]["height"], manifest["config"]["width"]
-    calibration = load_samples(options.calibration_dir, height, width, options.calibration_samples)
-    eval_offset = options.calibration_samples if options.eval_dir is None else 0
-    eval_dir = options.eval_dir or options.calibration_dir
-    evaluation = load_samples(eval_dir, height, width, options.eval_samples, eval_offset)
-    overlap = set(calibration.names) & set(evaluation.names)
-    if overlap:
-        log(f"note: {len(overlap)} evaluation pairs are calibration pairs too (the folder has too few)")
-    pipeline = OnnxPipeline.from_bundle(bundle_dir, manifest)
-    log(f"fp32 pipeline on {len(calibration.names)} calibration, {len(evaluation.names)} evaluation samples")
-    return _References(
-        pipeline,
-        calibration,
-        evaluation,
-        [pipeline.run(sample) for sample in _progress(calibration.inputs, "calibration", log)],
-        [pipeline.run(sample) for sample in _progress(evaluation.inputs, "evaluation", log)],
-    )
-
-
-def _build_variant(
-    variant: str,
-    bundle_dir: Path,
-    manifest: dict,
-    options: QuantizeOptions,
-    references: _References,
-    work_dir: Path,
-    log: Callable[[str], None],
-) -> tuple[dict, list[NetworkVariant]]:
-    """Build and gate one variant; returns its manifest record and the built files."""
-    thresholds = options.thresholds[variant]
-    built = []
-    for network in HEAVY_NETWORKS:
-        log(f"[{variant}] {network}")
-        built.append(
-            build_network_variant(
-                network,
-                variant,
-                bundle_dir / manifest["models"][network]["file"],
-                _network_feeds(references.calibration_runs, network, references.pipeline.sessions[network]),
-                partial(references.calibration_quality, network),
-                thresholds,
-                options.max_excluded_fraction,
-                work_dir,
-                log,
-            )
-        )
-    log(f"[{variant}] quality gate on {len(references.evaluation.names)} evaluation samples")
-    files = {b.network: b.path for b in built}
-    gate = evaluate_variant(
-        references.pipeline, files, references.evaluation, references.evaluation_runs, thresholds
-    )
-    errors = gate.pop("network_errors")
-    quality = gate["quality"]
-    status = "PASS" if gate["passed"] else f"FAIL ({gate['reason']})"
-    log(f"[{variant}] gate {status}: SSIM {quality['ssim_mean']:.4f}, PSNR {quality['psnr_mean']:.2f} dB")
-    calibration, evaluation = references.calibration, references.evaluation
-    record = {
-        **gate,
-        "calibration": {"source": calibration.source, "samples": len(calibration.names), "method": "minmax"},
-        "evaluation": {
-            "source": evaluation.source,
-            "samples": len(evaluation.names),
-            "overlaps_calibration": bool(set(calibration.names) & set(evaluation.names)),
-        },
-        "weights": manifest.get("weights"),
-        "onnxruntime_version": ort.__version__,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "networks": {
-            b.network: {**b.record, "sha256": sha256_file(b.path), **errors[b.network]} for b in built
-        },
-    }
-    return record, built
-
-
-def quantize_bundle(bundle_dir: Path, options: QuantizeOptions, log: Callable[[str], None] = print) -> dict:
-    """Build every requested variant of the bundle's heavy networks, gate them, and commit files and
-    manifest into the bundle. Returns the new manifest; failed variants are recorded, not raised."""
-    manifest = read_manifest(bundle_dir)
-    for variant in options.variants:
-        if variant not in VARIANTS:
-            raise QuantizationError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
-    config = manifest["config"]
-    weights = " [random-init weights: the images are noise]" if manifest.get("random_init") else ""
-    log(f"bundle {bundle_dir}: {config['height']}x{config['width']}{weights}")
-    references = _references(bundle_dir, manifest, options, log)
-    work_dir = bundle_dir / ".quantize.partial"  # same file system as the bundle: files move by rename
-    shutil.rmtree(work_dir, ignore_errors=True)
-    work_dir.mkdir()
-    try:
-        records, files = {}, {}
-        for variant in options.variants:
-            records[variant], built = _build_variant(
-                variant, bundle_dir, manifest, options, references, work_dir, log
-            )
-            files.update({b.record["file"]: b.path for b in built})
-        return commit_variants(bundle_dir, files, records)
-    finally:
-        shutil.rmtree(work_dir, ignore_errors=True)
-
-
-def _progress(items: list, what: str, log: Callable[[str], None]) -> Iterator:
-    for index, item in enumerate(items, start=1):
-        yield item
-        log(f"    {what} sample {index}/{len(items)}")
 
 
 def commit_variants(bundle_dir: Path, files: dict[str, Path], variants: dict[str, dict]) -> dict:

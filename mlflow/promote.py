@@ -18,25 +18,19 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from fashionserve.cli import run  # noqa: E402
-from fashionserve.registry import ALIAS, RegistryError, connect, promote, rollback, tracking_uri_default  # noqa: E402
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
+from fashionserve.registry import ALIAS, RegistryError, connect, promote, rollback  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("model", help="registered model name, e.g. tryon")
     move = parser.add_mutually_exclusive_group(required=True)
     move.add_argument("--version", help="the version to promote")
     move.add_argument("--rollback", action="store_true", help="return the alias to its previous holder")
     parser.add_argument("--force", action="store_true", help="promote even if the quality gate failed")
     parser.add_argument("--alias", default=ALIAS, help="alias to move (default: %(default)s)")
-    parser.add_argument(
-        "--tracking-uri",
-        default=tracking_uri_default(),
-        help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
-    )
+    add_tracking_uri(parser)
     args = parser.parse_args()
     if args.rollback and args.force:
         parser.error("--force applies to --version only")

@@ -19,7 +19,7 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from fashionserve.cli import run  # noqa: E402
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
 from fashionserve.registry import (  # noqa: E402
     ALIAS,
     GATE_TAG,
@@ -27,24 +27,17 @@ from fashionserve.registry import (  # noqa: E402
     RegistryError,
     connect,
     register_bundle,
-    tracking_uri_default,
 )
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("bundle", type=Path, metavar="BUNDLE_DIR", help="a bundle written by export/*.py")
     parser.add_argument(
         "--model",
         help="registered model name (default: the bundle's pipeline: tryon, garment_classifier, ...)",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=tracking_uri_default(),
-        help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
-    )
+    add_tracking_uri(parser)
     return parser.parse_args()
 
 

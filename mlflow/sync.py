@@ -27,22 +27,14 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
-from fashionserve.cli import run  # noqa: E402
-from fashionserve.registry import (  # noqa: E402
-    ALIAS,
-    RegistryError,
-    SyncResult,
-    connect,
-    sync_once,
-    tracking_uri_default,
-)
+from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
+from fashionserve.registry import ALIAS, RegistryError, connect  # noqa: E402
 from fashionserve.repository import PRECISIONS, TARGETS  # noqa: E402
+from fashionserve.sync import SyncResult, sync_once  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument(
         "--model",
         default="tryon",
@@ -65,11 +57,7 @@ def parse_args() -> argparse.Namespace:
         metavar="DIR",
         help="gpu target: plan store the plan builder (deploy/plan_builder.py) wrote TensorRT plans into",
     )
-    parser.add_argument(
-        "--tracking-uri",
-        default=tracking_uri_default(),
-        help="MLflow server (default: $MLFLOW_TRACKING_URI or %(default)s)",
-    )
+    add_tracking_uri(parser)
     parser.add_argument("--watch", action="store_true", help="keep reconciling until stopped (Ctrl-C)")
     parser.add_argument(
         "--interval", type=float, default=10.0, metavar="S", help="--watch period (default 10)"

@@ -50,7 +50,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `locust` does not put the checkout on the path
 
-from fashionserve.catalogue.synthetic import draw_product_photo  # noqa: E402
+from fashionserve.catalogue.samples import draw_product_photo  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 from fashionserve.tryon.dataset import DatasetError, cloth_files, load_tryon_inputs, read_pairs  # noqa: E402

@@ -8,15 +8,10 @@ import pytest
 import torch
 
 from fashionserve.catalogue import data
-from fashionserve.catalogue.classifier import (
-    CLASSES,
-    ClassifierConfig,
-    ClassifierServing,
-    GarmentClassifier,
-    GarmentPreprocess,
-)
 from fashionserve.catalogue.data import DataError, load_split, official_files, read_idx, write_idx
-from fashionserve.catalogue.synthetic import write_synthetic_set
+from fashionserve.catalogue.networks.classifier import CLASSES, ClassifierConfig, GarmentClassifier
+from fashionserve.catalogue.samples import write_synthetic_set
+from fashionserve.catalogue.stages import ClassifierServing, GarmentPreprocess
 from fashionserve.catalogue.training import classification_report
 from tests.conftest import run_cli
 

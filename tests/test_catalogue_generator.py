@@ -10,13 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from fashionserve.catalogue.bundles import load_fashion_generator
-from fashionserve.catalogue.pggan import (
-    PGGANConfig,
-    PGGANGenerator,
-    PGGANPostprocess,
-    load_pggan_checkpoint,
-)
+from fashionserve.catalogue.bundle import load_fashion_generator
+from fashionserve.catalogue.networks.pggan import PGGANConfig, PGGANGenerator, load_pggan_checkpoint
+from fashionserve.catalogue.stages import PGGANPostprocess
 from fashionserve.checkpoints import CheckpointError
 
 # --- A re-typed copy of pytorch_GAN_zoo's generator (models/networks/custom_layers.py and

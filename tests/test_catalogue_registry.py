@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from fashionserve import registry
-from fashionserve.catalogue.bundles import (
+from fashionserve.catalogue.bundle import (
     CLASSIFIER,
     GENERATOR,
     export_classifier_bundle,
@@ -23,15 +23,16 @@ from fashionserve.catalogue.bundles import (
     load_fashion_generator,
     load_garment_classifier,
 )
-from fashionserve.catalogue.classifier import ClassifierConfig, ClassifierServing, GarmentPreprocess
-from fashionserve.catalogue.pggan import PGGANConfig, PGGANPostprocess
+from fashionserve.catalogue.networks.classifier import ClassifierConfig
+from fashionserve.catalogue.networks.pggan import PGGANConfig
 from fashionserve.catalogue.quantize import GeneratorQuantizeOptions, quantize_generator_bundle
-from fashionserve.catalogue.synthetic import draw_product_photo
+from fashionserve.catalogue.samples import draw_product_photo
+from fashionserve.catalogue.stages import ClassifierServing, GarmentPreprocess, PGGANPostprocess
 from fashionserve.client import TritonModelClient
 from fashionserve.quantization import open_session
+from fashionserve.sync import LIVE_TAG, SyncResult, sync_once
 from tests import test_mlflow
-from tests.conftest import run_cli
-from tests.test_mlflow import assert_one_line_error
+from tests.conftest import one_line_error, run_cli
 
 CLASSIFIER_CONFIG = ClassifierConfig(width=8, hidden=32)
 GENERATOR_CONFIG = PGGANConfig(latent_dim=24, depth_scale0=16, depth_other_scales=(16, 8))  # 16x16
@@ -94,9 +95,7 @@ def serve(mlflow_server, served, model: str, version: str, *extra: str) -> None:
 
 
 def live_version(client, model: str) -> str | None:
-    holders = [
-        v.version for v in client.search_model_versions(f"name='{model}'") if registry.LIVE_TAG in v.tags
-    ]
+    holders = [v.version for v in client.search_model_versions(f"name='{model}'") if LIVE_TAG in v.tags]
     assert len(holders) <= 1, holders
     return holders[0] if holders else None
 
@@ -174,10 +173,8 @@ def test_both_pipelines_are_promoted_synced_and_served_side_by_side(
         assert not sync_api(client, served, name).changed
 
 
-def sync_api(client, served, name: str, variant: str = "fp32") -> registry.SyncResult:
-    return registry.sync_once(
-        client, name, served.repository, served.http_url, variant=variant, log=lambda _: None
-    )
+def sync_api(client, served, name: str, variant: str = "fp32") -> SyncResult:
+    return sync_once(client, name, served.repository, served.http_url, variant=variant, log=lambda _: None)
 
 
 def test_an_swd_gate_failed_generator_needs_force_then_serves_its_variant(
@@ -201,7 +198,7 @@ def test_an_swd_gate_failed_generator_needs_force_then_serves_its_variant(
     metrics = client.get_run(model_version.run_id).data.metrics
     assert metrics["int8/gate_passed"] == 0.0 and metrics["int8/SWDx1e3_avg"] > 1e-9
 
-    error = assert_one_line_error(promote(mlflow_server, GENERATOR, "--version", version), "--force")
+    error = one_line_error(promote(mlflow_server, GENERATOR, "--version", version), "--force")
     assert "failed its quality gate (int8: SWDx1e3 " in error and "> 1e-09" in error
     assert client.get_model_version_by_alias(GENERATOR, registry.ALIAS).version == versions[GENERATOR]
     registry.promote(client, GENERATOR, version, force=True)

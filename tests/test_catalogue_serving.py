@@ -14,26 +14,20 @@ from PIL import Image
 from tritonclient.utils import InferenceServerException
 
 from fashionserve.bundle import read_manifest
-from fashionserve.catalogue.classifier import CLASSES, ClassifierServing, GarmentPreprocess
-from fashionserve.catalogue.pggan import PGGANPostprocess, load_pggan_checkpoint
-from fashionserve.catalogue.synthetic import draw_product_photo, write_synthetic_set
+from fashionserve.catalogue.networks.classifier import CLASSES
+from fashionserve.catalogue.networks.pggan import load_pggan_checkpoint
+from fashionserve.catalogue.samples import draw_product_photo, write_synthetic_set
+from fashionserve.catalogue.stages import ClassifierServing, GarmentPreprocess, PGGANPostprocess
 from fashionserve.catalogue.training import load_classifier
 from fashionserve.client import ClientError, TritonModelClient
 from fashionserve.launcher import TritonServer
 from fashionserve.plans import HEAVY_NETWORKS, plan_networks, record_plan
 from fashionserve.repository import RenderError, read_config, render_repository
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 from tests.test_catalogue_generator import LATENT, save_zoo_checkpoint
 
 TROUSER, T_SHIRT = CLASSES.index("Trouser"), CLASSES.index("T-shirt/top")
 PERSON = "00001_00"
-
-
-def one_line_error(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
-    return lines[0]
 
 
 @pytest.fixture(scope="module")

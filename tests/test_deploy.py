@@ -22,18 +22,9 @@ from mlflow.server.security_utils import is_allowed_host_header
 from fashionserve.client import DEFAULT_URLS
 from fashionserve.mlflow_server import MlflowServer
 from fashionserve.plans import HEAVY_NETWORKS, Gpu, plan_file_name, record_plan
-from fashionserve.registry import (
-    PLAN_STORE_INDEX,
-    RANDOM_INIT,
-    RegistryError,
-    _stage,
-    bundle_digest,
-    connect,
-    download_bundle,
-    plan_store_dir,
-    publish_plans,
-)
+from fashionserve.registry import RANDOM_INIT, RegistryError, bundle_digest, connect, download_bundle
 from fashionserve.repository import PRECISIONS, TRACKED_REPOSITORY, ensemble_steps, read_config
+from fashionserve.sync import PLAN_STORE_INDEX, _stage, plan_store_dir, publish_plans
 from tests.conftest import PROJECT_ROOT, run_cli
 
 COMPOSE_FILE = PROJECT_ROOT / "compose.yaml"

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fashionserve.checkpoints import CheckpointError
-from fashionserve.hair.encoder import Encoder4Editing, load_e4e_checkpoint
-from fashionserve.hair.stylegan2 import (
+from fashionserve.hair.networks.encoder import Encoder4Editing, load_e4e_checkpoint
+from fashionserve.hair.networks.stylegan2 import (
     Blur,
     EqualLinear,
     FusedLeakyReLU,
@@ -25,7 +25,7 @@ from fashionserve.hair.stylegan2 import (
 from fashionserve.onnx_export import export_onnx, max_abs_error, run_onnx
 from tests.test_networks import read_listing
 
-HAIR = Path(__file__).parent.parent / "fashionserve" / "hair"
+HAIR = Path(__file__).parent.parent / "fashionserve" / "hair" / "networks"
 SMALL_GENERATOR = dict(size=32, style_dim=16, channel_max=16)
 
 

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashionserve.checkpoints import CheckpointError
-from fashionserve.hair.parser import (
+from fashionserve.hair.networks.parser import (
     CELEBAMASK_CLASSES,
     FACE_CLASSES,
     HAIR_CLASS,
@@ -25,7 +25,9 @@ from fashionserve.hair.parser import (
 )
 from fashionserve.onnx_export import export_onnx, max_abs_error, run_onnx, tensor_specs
 
-LISTING = Path(__file__).parent.parent / "fashionserve" / "hair" / "face_parser_state_dict_keys.txt"
+LISTING = (
+    Path(__file__).parent.parent / "fashionserve" / "hair" / "networks" / "face_parser_state_dict_keys.txt"
+)
 
 
 def read_listing() -> list[tuple[str, list[int]]]:

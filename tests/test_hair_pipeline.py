@@ -26,7 +26,7 @@ from fashionserve.hair.bundle import (
     stage_runs,
     transfer_inputs,
 )
-from fashionserve.hair.parser import FACE_CLASSES, HAIR_CLASS, NUM_CLASSES
+from fashionserve.hair.networks.parser import FACE_CLASSES, HAIR_CLASS, NUM_CLASSES
 from fashionserve.hair.quantize import HairQuantizeOptions, quantize_hair_bundle
 from fashionserve.hair.samples import SAMPLE_PORTRAITS, draw_portrait, sample_direction
 from fashionserve.hair.stages import HairComposite, HairConfig, HairMix, HairPreprocess, parse_layers
@@ -34,7 +34,7 @@ from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import run_onnx
 from fashionserve.plans import plan_networks
 from fashionserve.repository import TRACKED_REPOSITORY, RenderError, read_config, render_repository
-from tests.conftest import run_cli
+from tests.conftest import one_line_error, run_cli
 from tests.test_tryon_pipeline import raw_infer
 
 # Small enough for a 2-core CI machine; the same code paths as the public 1024 configuration.
@@ -57,15 +57,6 @@ SMALL_ARCH = [
 ]  # fmt: skip
 SKIN = FACE_CLASSES[0]
 INPUTS = {TRANSFER: ("portrait", "reference"), EDIT: ("portrait", "direction", "strength")}
-
-
-def one_line_error(result) -> str:
-    assert result.returncode == 2, result.stdout + result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, (
-        result.stderr
-    )
-    return lines[0]
 
 
 def write_checkpoints(folder: Path, seed: int) -> tuple[Path, Path]:

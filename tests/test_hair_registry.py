@@ -25,6 +25,7 @@ from fashionserve.hair.bundle import (
 )
 from fashionserve.launcher import TritonServer
 from fashionserve.mlflow_server import MlflowServer
+from fashionserve.sync import LIVE_TAG, STATE_FILE
 from tests.conftest import run_cli
 from tests.test_hair_pipeline import CONFIG, INPUTS, write_checkpoints
 
@@ -113,7 +114,7 @@ def test_register_promote_and_sync_swap_both_ensembles(mlflow_server, bundles, s
         for ensemble in ENSEMBLES:
             assert close_to(outputs[ensemble], expected[label][ensemble]), (label, ensemble)
     assert not np.array_equal(expected["v1"][TRANSFER], expected["v2"][TRANSFER])  # the swap is visible
-    state = json.loads((served.repository / registry.STATE_FILE).read_text())[PIPELINE]
+    state = json.loads((served.repository / STATE_FILE).read_text())[PIPELINE]
     assert list(state["ensembles"]) == [TRANSFER, EDIT] and state["mlflow_version"] == versions["v2"]
     live = state["triton_version"]
     assert sorted(p.name for p in (served.repository / TRANSFER).iterdir() if p.name.isdigit()) == [str(live)]
@@ -125,4 +126,4 @@ def test_register_promote_and_sync_swap_both_ensembles(mlflow_server, bundles, s
     ]  # the previous version stays until no request can use it
     again = sync(mlflow_server, served)
     assert again.returncode == 0 and "up to date: 'hair' version" in again.stdout, again.stderr
-    assert client.get_model_version(PIPELINE, versions["v2"]).tags[registry.LIVE_TAG] == "true"
+    assert client.get_model_version(PIPELINE, versions["v2"]).tags[LIVE_TAG] == "true"

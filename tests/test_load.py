@@ -13,14 +13,14 @@ from pathlib import Path
 import pytest
 
 from fashionserve.bundle import read_manifest
-from fashionserve.catalogue.bundles import (
+from fashionserve.catalogue.bundle import (
     export_classifier_bundle,
     export_generator_bundle,
     load_fashion_generator,
     load_garment_classifier,
 )
-from fashionserve.catalogue.classifier import ClassifierConfig
-from fashionserve.catalogue.pggan import PGGANConfig
+from fashionserve.catalogue.networks.classifier import ClassifierConfig
+from fashionserve.catalogue.networks.pggan import PGGANConfig
 from fashionserve.hair.bundle import export_bundle as export_hair_bundle
 from fashionserve.hair.bundle import load_networks
 from fashionserve.launcher import TritonServer

@@ -27,8 +27,9 @@ from fashionserve.client import TritonModelClient
 from fashionserve.launcher import TritonServer
 from fashionserve.mlflow_server import MlflowServer
 from fashionserve.processes import process_stat
+from fashionserve.sync import LIVE_TAG, STATE_FILE
 from fashionserve.tryon.bundle import export_bundle, load_networks, read_manifest, write_manifest
-from tests.conftest import PROJECT_ROOT, TEST_CONFIG, run_cli
+from tests.conftest import PROJECT_ROOT, TEST_CONFIG, one_line_error, run_cli
 from tests.test_tryon_pipeline import as_args, sample_batch
 
 MODEL = "tryon"
@@ -123,20 +124,8 @@ def listing(repository: Path) -> dict[str, bytes]:
     }
 
 
-def assert_one_line_error(result: subprocess.CompletedProcess, *needles: str) -> str:
-    assert result.returncode == 2, (result.stdout, result.stderr)
-    assert "Traceback" not in result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
-
-
 def live_version(client) -> str | None:
-    holders = [
-        v.version for v in client.search_model_versions(f"name='{MODEL}'") if registry.LIVE_TAG in v.tags
-    ]
+    holders = [v.version for v in client.search_model_versions(f"name='{MODEL}'") if LIVE_TAG in v.tags]
     assert len(holders) <= 1, holders
     return holders[0] if holders else None
 
@@ -223,7 +212,7 @@ def test_register_refuses_a_bad_bundle(
     runs = len(client.search_runs([client.get_experiment_by_name(MODEL).experiment_id]))
     bad = copy_bundle(tryon_bundle[0], tmp_path / "bad", damage)
     result = run_cli("mlflow/register.py", str(bad), "--tracking-uri", mlflow_server.url)
-    assert_one_line_error(result, expected)
+    one_line_error(result, expected)
     assert len(client.search_model_versions(f"name='{MODEL}'")) == before
     assert len(client.search_runs([client.get_experiment_by_name(MODEL).experiment_id])) == runs
 
@@ -245,7 +234,7 @@ def test_the_ui_api_shows_versions_metrics_tags_and_the_alias(mlflow_server, cli
         tags = {t["key"]: t["value"] for t in version["tags"]}
         assert tags["weights"] == registry.RANDOM_INIT and registry.RANDOM_INIT in tags
         assert tags[registry.GATE_TAG] == "passed" and tags["resolution"] == "256x192"
-        assert (registry.LIVE_TAG in tags) == (version["version"] == versions["v1"])
+        assert (LIVE_TAG in tags) == (version["version"] == versions["v1"])
         run = _rest(mlflow_server, f"runs/get?run_id={version['run_id']}")["run"]
         metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
         assert 0 <= metrics["parity_max_error/tryon_image_generator/image"] <= 5e-3
@@ -338,7 +327,7 @@ def test_rollback_serves_the_previous_version_again(
     assert close_to(infer(served, samples_dir), references["v1"])
     assert live_version(client) == versions["v1"]
     # The composing models keep the live and the previous Triton version; the ensemble only the live one.
-    state = json.loads((served.repository / registry.STATE_FILE).read_text())[MODEL]
+    state = json.loads((served.repository / STATE_FILE).read_text())[MODEL]
     live = state["triton_version"]
     assert sorted(p.name for p in (served.repository / MODEL).iterdir() if p.is_dir()) == [str(live)]
     assert sorted(p.name for p in (served.repository / "tryon_warp").iterdir() if p.is_dir()) == [
@@ -357,7 +346,7 @@ def test_a_gate_failed_version_needs_force(mlflow_server, client, served, versio
     bundle = copy_bundle(tryon_bundle[0], tmp_path / "gate", lambda b, m: m.update(variants={"int8": failed}))
     version = registry.register_bundle(client, bundle, log=lambda _: None)
     assert version.tags[registry.GATE_TAG] == "failed"
-    assert_one_line_error(
+    one_line_error(
         promote(mlflow_server, "--version", version.version), "failed its quality gate", "SSIM 0.41"
     )
     assert client.get_model_version_by_alias(MODEL, registry.ALIAS).version == versions["v1"]
@@ -380,7 +369,7 @@ def test_a_corrupted_artifact_never_reaches_the_served_repository(
     stored.write_bytes(stored.read_bytes()[:1000])  # truncated in the artifact store
     registry.promote(client, MODEL, version.version)
     try:
-        assert_one_line_error(sync(mlflow_server, served), f"version {version.version} in MLflow", "sha256")
+        one_line_error(sync(mlflow_server, served), f"version {version.version} in MLflow", "sha256")
     finally:
         registry.rollback(client, MODEL)
     assert listing(served.repository) == before
@@ -412,7 +401,7 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(
             result = sync(mlflow_server, served)
     finally:
         registry.rollback(client, MODEL)
-    assert_one_line_error(result, "could not load tryon_postprocess", "NoSuchOp", "keeps serving")
+    one_line_error(result, "could not load tryon_postprocess", "NoSuchOp", "keeps serving")
     assert traffic.failures == [] and len(traffic.results) > 0
     assert listing(served.repository) == before
     assert close_to(infer(served, samples_dir), references["v1"])
@@ -421,20 +410,20 @@ def test_a_version_that_fails_to_load_leaves_the_live_one_serving(
 
 
 def test_expected_failures_are_one_line(mlflow_server, versions, tmp_path):
-    assert_one_line_error(
+    one_line_error(
         run_cli("mlflow/promote.py", MODEL, "--version", "1", "--tracking-uri", "http://127.0.0.1:9"),
         "cannot reach MLflow at http://127.0.0.1:9",
     )
-    assert_one_line_error(promote(mlflow_server, "--version", "999"), "version 999")
-    assert_one_line_error(
+    one_line_error(promote(mlflow_server, "--version", "999"), "version 999")
+    one_line_error(
         run_cli("mlflow/promote.py", "nope", "--rollback", "--tracking-uri", mlflow_server.url), "'nope'"
     )
     result = run_cli(
         "mlflow/sync.py", "--repository", str(tmp_path / "repo"), "--triton-url", "127.0.0.1:9",
         "--tracking-uri", mlflow_server.url,
     )  # fmt: skip
-    assert_one_line_error(result, "cannot reach Triton at 127.0.0.1:9")
-    assert_one_line_error(
+    one_line_error(result, "cannot reach Triton at 127.0.0.1:9")
+    one_line_error(
         run_cli("mlflow/register.py", str(tmp_path / "nothing"), "--tracking-uri", mlflow_server.url),
         "does not exist",
     )
@@ -467,11 +456,11 @@ def test_mlflow_server_cli_starts_detached_and_stops(tmp_path):
     result = run_cli("-m", "fashionserve.mlflow_server", "stop", "--pid-file", str(pid_file))
     assert result.returncode == 0, result.stderr
     assert process_stat(pid) is None and not pid_file.exists()
-    assert_one_line_error(
+    one_line_error(
         run_cli("-m", "fashionserve.mlflow_server", "stop", "--pid-file", str(pid_file)), "does not exist"
     )
     pid_file.write_text(f"{pid}\n")  # a PID file left behind by a server that is gone
-    assert_one_line_error(
+    one_line_error(
         run_cli("-m", "fashionserve.mlflow_server", "stop", "--pid-file", str(pid_file)),
         "removed stale PID file",
     )

@@ -8,10 +8,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from fashionserve.checkpoints import CheckpointError, load_strict, read_state_dict, sha256_file
-from fashionserve.networks.condition_generator import ConditionGenerator, flow_divisors
-from fashionserve.networks.image_generator import ImageGenerator
+from fashionserve.tryon.networks.condition_generator import ConditionGenerator, flow_divisors
+from fashionserve.tryon.networks.image_generator import ImageGenerator
 
-LISTING = Path(__file__).parent.parent / "fashionserve" / "networks" / "hrviton_state_dict_keys.txt"
+LISTING = Path(__file__).parent.parent / "fashionserve" / "tryon" / "networks" / "hrviton_state_dict_keys.txt"
 NETWORKS = {"tocg": ConditionGenerator, "gen": ImageGenerator}
 
 

@@ -14,24 +14,26 @@ from fashionserve.checkpoints import sha256_file
 from fashionserve.client import TritonModelClient
 from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import tensor_specs
+from fashionserve.plans import HEAVY_NETWORKS
 from fashionserve.quantization import (
-    HEAVY_NETWORKS,
-    OnnxPipeline,
-    QuantizeOptions,
     Thresholds,
     build_network_variant,
     convert_fp16,
     default_thresholds,
-    evaluate_variant,
     exclusion_steps,
-    final_image,
     flow_math_nodes,
     image_quality,
-    load_samples,
-    quantize_bundle,
 )
 from fashionserve.repository import RenderError, render_repository
 from fashionserve.tryon.bundle import STAGES, read_manifest, write_manifest
+from fashionserve.tryon.quantize import (
+    OnnxPipeline,
+    QuantizeOptions,
+    evaluate_variant,
+    final_image,
+    load_samples,
+    quantize_bundle,
+)
 from tests.conftest import TEST_CONFIG, run_cli
 
 SIZE = (TEST_CONFIG.height, TEST_CONFIG.width)

@@ -10,21 +10,12 @@ from PIL import Image
 
 from fashionserve.repository import RenderError, read_config, render_repository
 from fashionserve.tryon.stages import build_networks
-from tests.conftest import TEST_CONFIG, run_cli
+from tests.conftest import TEST_CONFIG, one_line_error, run_cli
 
 SMALL_ARCH = [
     "--resolution", "256x192", "--condition-resolution", "128x96",
     "--condition-ngf", "8", "--image-ngf", "8", "--spade-hidden", "16",
 ]  # fmt: skip
-
-
-def assert_one_line_error(result, *fragments: str) -> None:
-    assert result.returncode == 2, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    assert "Traceback" not in result.stderr
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +69,7 @@ def test_export_names_mismatched_checkpoint_keys(tmp_path, checkpoints):
         "--out",
         str(out),
     )
-    assert_one_line_error(result, "flow_conv.0.bias", "extra.weight")
+    one_line_error(result, "flow_conv.0.bias", "extra.weight")
     assert not out.exists() and not list(tmp_path.glob("*.partial"))
 
 
@@ -93,11 +84,11 @@ def test_export_rejects_missing_checkpoint_and_bad_arguments(tmp_path):
         "--out",
         str(tmp_path / "b"),
     )
-    assert_one_line_error(result, str(missing))
+    one_line_error(result, str(missing))
     result = run_cli(
         "export/tryon.py", "--random-init", "--resolution", "250x190", "--out", str(tmp_path / "b")
     )
-    assert_one_line_error(result, "250x190")
+    one_line_error(result, "250x190")
     result = run_cli("export/tryon.py", "--out", str(tmp_path / "b"))
     assert result.returncode == 2 and "--random-init" in result.stderr
     assert not (tmp_path / "b").exists()
@@ -147,7 +138,7 @@ def test_client_resizes_only_when_asked(tmp_path, tryon_server, samples_dir):
     assert run.returncode == 0, run.stderr
     args = ["client/tryon.py", "--dataroot", str(big), "--url", tryon_server.http_url, "--protocol", "http"]
     result = run_cli(*args, "--out", str(tmp_path / "a"))
-    assert_one_line_error(result, "input 'cloth': expected shape [batch, 256, 192, 3], got [1, 512, 384, 3]")
+    one_line_error(result, "input 'cloth': expected shape [batch, 256, 192, 3], got [1, 512, 384, 3]")
     result = run_cli(*args, "--resize", "--out", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
     assert len(list((tmp_path / "b").glob("*.png"))) == 2
@@ -166,11 +157,11 @@ def test_client_errors_are_one_line(tmp_path, tryon_server, samples_dir):
         "--out",
         str(tmp_path),
     )
-    assert_one_line_error(result, "missing_00")
+    one_line_error(result, "missing_00")
     result = run_cli(
         "client/tryon.py", "--dataroot", str(samples_dir), "--url", "127.0.0.1:9", "--out", str(tmp_path)
     )
-    assert_one_line_error(result, "cannot reach Triton at 127.0.0.1:9")
+    one_line_error(result, "cannot reach Triton at 127.0.0.1:9")
     result = run_cli(
         "client/tryon.py",
         "--dataroot",
@@ -182,7 +173,7 @@ def test_client_errors_are_one_line(tmp_path, tryon_server, samples_dir):
         "--out",
         str(tmp_path),
     )
-    assert_one_line_error(result, "nope")
+    one_line_error(result, "nope")
 
 
 def test_client_explicit_files_equal_the_folder_mode(tmp_path, tryon_server, samples_dir):

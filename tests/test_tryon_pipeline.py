@@ -7,9 +7,10 @@ import torch
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
+from fashionserve.cli import RANDOM_INIT
 from fashionserve.client import ClientError, TritonModelClient
 from fashionserve.onnx_export import OPSET, run_onnx
-from fashionserve.tryon.bundle import RANDOM_INIT, STAGES, stage_inputs
+from fashionserve.tryon.bundle import STAGES, stage_inputs
 from fashionserve.tryon.dataset import load_tryon_inputs, read_pairs
 from fashionserve.tryon.stages import TryonWarp
 from tests.conftest import TEST_CONFIG

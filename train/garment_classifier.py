@@ -6,7 +6,7 @@ the test split and writes a checkpoint that export/garment_classifier.py turns i
 
 Examples:
   python train/garment_classifier.py --data ~/fashion-mnist --out work/classifier.pt
-  python -m fashionserve.catalogue.synthetic work/fmnist-drawn && \\
+  python -m fashionserve.catalogue.samples work/fmnist-drawn && \\
       python train/garment_classifier.py --data work/fmnist-drawn --epochs 3 --out work/classifier-drawn.pt
 """
 
@@ -19,23 +19,21 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
-from fashionserve.catalogue.classifier import ClassifierConfig  # noqa: E402
 from fashionserve.catalogue.data import DataError, load_split, official_files  # noqa: E402
+from fashionserve.catalogue.networks.classifier import ClassifierConfig  # noqa: E402
 from fashionserve.catalogue.training import (  # noqa: E402
     TrainOptions,
     format_report,
     save_checkpoint,
     train,
 )
-from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 
 TARGET_MACRO_F1 = 0.93  # the source paper's average precision/recall/F1
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     defaults = TrainOptions()
     parser.add_argument("--data", type=Path, required=True, help="folder holding the four IDX files")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint file to write")

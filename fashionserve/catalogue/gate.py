@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from fashionserve.catalogue.classifier import CLASSES, UPPER_BODY
+from fashionserve.catalogue.networks.classifier import CLASSES, UPPER_BODY
 from fashionserve.client import TritonModelClient
 
 GATE_MODEL = "garment_classifier"

@@ -29,7 +29,7 @@ import onnx
 import onnxruntime as ort
 
 from fashionserve.bundle import read_manifest
-from fashionserve.catalogue.bundles import CLASSIFIER, GENERATOR, classifier_inputs
+from fashionserve.catalogue.bundle import CLASSIFIER, GENERATOR, classifier_inputs
 from fashionserve.catalogue.swd import swd
 from fashionserve.checkpoints import sha256_file
 from fashionserve.quantization import (

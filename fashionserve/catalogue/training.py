@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fashionserve.catalogue.classifier import CLASSES, ClassifierConfig, GarmentClassifier, GarmentPreprocess
+from fashionserve.catalogue.networks.classifier import CLASSES, ClassifierConfig, GarmentClassifier
+from fashionserve.catalogue.stages import GarmentPreprocess
 from fashionserve.checkpoints import CheckpointError, load_strict, read_state_dict
 
 _PREPROCESS_CHUNK = 256  # images per preprocessing call: bounds the 224x224 sampling grids in memory

@@ -8,19 +8,20 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fashionserve.bundle import RANDOM_INIT, Stage, export_pipeline, record_stage_runs
+from fashionserve.bundle import Stage, export_pipeline, record_stage_runs
 from fashionserve.checkpoints import sha256_file
-from fashionserve.hair.encoder import Encoder4Editing, load_e4e_checkpoint
-from fashionserve.hair.parser import (
+from fashionserve.cli import RANDOM_INIT
+from fashionserve.hair.networks.encoder import Encoder4Editing, load_e4e_checkpoint
+from fashionserve.hair.networks.parser import (
     CELEBAMASK_CLASSES,
     FACE_CLASSES,
     HAIR_CLASS,
     FaceParser,
     load_face_parser_checkpoint,
 )
+from fashionserve.hair.networks.stylegan2 import StyleGAN2Generator, load_stylegan2_checkpoint
 from fashionserve.hair.samples import draw_portrait
 from fashionserve.hair.stages import HairConfig, HairPipeline
-from fashionserve.hair.stylegan2 import StyleGAN2Generator, load_stylegan2_checkpoint
 
 PIPELINE = "hair"  # the registered model; its bundle serves both ensembles
 TRANSFER = "hair_transfer"

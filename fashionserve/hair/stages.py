@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashionserve.hair.parser import hair_and_face_masks, normalize_images
+from fashionserve.hair.networks.parser import hair_and_face_masks, normalize_images
 
 # Layers 0-3 of W+ drive the 4x4 and 8x8 synthesis blocks: pose, face shape and the general hair shape
 # (StyleGAN's style-mixing study). They stay the user's, so that the generated head lines up with the

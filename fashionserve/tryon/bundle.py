@@ -7,7 +7,6 @@ import numpy as np
 import torch
 
 from fashionserve.bundle import (  # noqa: F401 - read_manifest/write_manifest: imported from here by users
-    RANDOM_INIT,
     Stage,
     export_pipeline,
     read_manifest,
@@ -15,6 +14,7 @@ from fashionserve.bundle import (  # noqa: F401 - read_manifest/write_manifest: 
     write_manifest,
 )
 from fashionserve.checkpoints import load_strict, read_state_dict, sha256_file
+from fashionserve.cli import RANDOM_INIT
 from fashionserve.onnx_export import max_abs_error
 from fashionserve.tryon.stages import TryonConfig, TryonPipeline, build_networks
 

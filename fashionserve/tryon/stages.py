@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fashionserve.networks.condition_generator import (
+from fashionserve.tryon.labels import NUM_CIHP_LABELS, OCCLUDER_13, PARSE_7, PARSE_13, merge_matrix
+from fashionserve.tryon.networks.condition_generator import (
     ConditionGenerator,
     flow_divisors,
     identity_grid,
     warp_with_flow,
 )
-from fashionserve.networks.image_generator import ImageGenerator
-from fashionserve.tryon.labels import NUM_CIHP_LABELS, OCCLUDER_13, PARSE_7, PARSE_13, merge_matrix
+from fashionserve.tryon.networks.image_generator import ImageGenerator
 
 # Upsampling layers the SPADE generator needs so that height/2**n and width/2**n are integers.
 _UPSAMPLING_LAYERS = {7: "most", 6: "more", 5: "normal"}

@@ -13,19 +13,19 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fashionserve.bundle import RANDOM_INIT, Stage, export_pipeline
-from fashionserve.catalogue.classifier import (
+from fashionserve.bundle import Stage, export_pipeline
+from fashionserve.catalogue.networks.classifier import (
     CLASSES,
     UPPER_BODY,
     ClassifierConfig,
-    ClassifierServing,
     GarmentClassifier,
-    GarmentPreprocess,
 )
-from fashionserve.catalogue.pggan import PGGANConfig, PGGANGenerator, PGGANPostprocess, load_pggan_checkpoint
-from fashionserve.catalogue.synthetic import draw_product_photo
+from fashionserve.catalogue.networks.pggan import PGGANConfig, PGGANGenerator, load_pggan_checkpoint
+from fashionserve.catalogue.samples import draw_product_photo
+from fashionserve.catalogue.stages import ClassifierServing, GarmentPreprocess, PGGANPostprocess
 from fashionserve.catalogue.training import load_classifier
 from fashionserve.checkpoints import sha256_file
+from fashionserve.cli import RANDOM_INIT
 
 CLASSIFIER = "garment_classifier"
 GENERATOR = "fashion_generator"

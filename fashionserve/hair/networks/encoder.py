@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashionserve.checkpoints import CheckpointError, load_strict, read_checkpoint, state_dict_of
-from fashionserve.hair.stylegan2 import EqualLinear, StyleGAN2Generator
+from fashionserve.hair.networks.stylegan2 import EqualLinear, StyleGAN2Generator
 
 IR_SE_UNITS = {50: (3, 4, 14, 3)}  # bottleneck units per body stage; e4e taps stage ends 2, 3, 4
 STAGE_WIDTHS = (1, 2, 4, 8)  # body stage depths in units of base_width (64 public: 64 ... 512)

@@ -164,14 +164,6 @@ class PGGANGenerator(nn.Module):
                 layer.fold()
 
 
-class PGGANPostprocess(nn.Module):
-    """[-1, 1] NCHW -> uint8 HWC, as the official code: x * 127.5 + 127.5, rounded, saturated."""
-
-    def forward(self, image: Tensor) -> Tensor:
-        pixels = (image * 127.5 + 127.5).round().clamp(0.0, 255.0)
-        return pixels.to(torch.uint8).permute(0, 2, 3, 1)
-
-
 class ZooConfig:
     """Stand-in for the zoo's pickled `BaseConfig` (an attribute bag), so that a zoo checkpoint loads
     with `weights_only=True` without the zoo's code."""

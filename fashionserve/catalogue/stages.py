@@ -1,5 +1,6 @@
-"""Garment classifier: a small CNN for Fashion-MNIST's 10 classes, and the preprocessing that turns a
-product photo of any size into a Fashion-MNIST-like 28x28 image.
+"""The catalogue pipelines' serving modules around the networks: the garment preprocessing that turns a
+product photo of any size into a Fashion-MNIST-like 28x28 image, the classifier's served outputs, and the
+generator's postprocessing.
 
 Fashion-MNIST was made from product photos by (its README): trimming the edges close to the corner
 colour (within 5% of the largest RGB distance), resizing the longest edge to 28 by subsampling,
@@ -17,33 +18,16 @@ with dynamic height and width:
 """
 
 import math
-from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-CLASSES = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)  # Fashion-MNIST label order
-# What the try-on model (HR-VITON, trained on frontal tops) can dress; dresses are refused too.
-UPPER_BODY = frozenset({0, 2, 4, 6})
-IMAGE_SIZE = 28
+from fashionserve.catalogue.networks.classifier import IMAGE_SIZE, GarmentClassifier
+
 SUPERSAMPLE = 8
 TRIM_DISTANCE = 0.05 * 255.0 * math.sqrt(3.0)
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as PIL's "L" mode
-# Fashion-MNIST training-set pixel mean and std (on the 0..1 scale), used to standardize inputs
-PIXEL_MEAN = 0.2860
-PIXEL_STD = 0.3530
 
 
 class GarmentPreprocess(nn.Module):
@@ -106,53 +90,6 @@ def _sample_positions(
     return source, inside
 
 
-@dataclass(frozen=True)
-class ClassifierConfig:
-    """Width of the garment classifier; the defaults are the published configuration of this repo."""
-
-    width: int = 32  # channels of the first block; the second has twice as many
-    hidden: int = 128
-    dropout: float = 0.25
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _conv_block(inputs: int, outputs: int) -> nn.Sequential:
-    """Two 3x3 conv + batch norm + ReLU, then 2x2 max pooling."""
-    return nn.Sequential(
-        nn.Conv2d(inputs, outputs, 3, padding=1, bias=False),
-        nn.BatchNorm2d(outputs),
-        nn.ReLU(inplace=True),
-        nn.Conv2d(outputs, outputs, 3, padding=1, bias=False),
-        nn.BatchNorm2d(outputs),
-        nn.ReLU(inplace=True),
-        nn.MaxPool2d(2),
-    )
-
-
-class GarmentClassifier(nn.Module):
-    """Two conv+pool blocks and a two-layer head: [N, 1, 28, 28] in 0..1 -> [N, 10] logits."""
-
-    def __init__(self, config: ClassifierConfig = ClassifierConfig()):
-        super().__init__()
-        self.config = config
-        width = config.width
-        self.features = nn.Sequential(_conv_block(1, width), _conv_block(width, 2 * width))
-        self.head = nn.Sequential(
-            nn.Flatten(),
-            nn.Dropout(config.dropout),
-            nn.Linear(2 * width * (IMAGE_SIZE // 4) ** 2, config.hidden, bias=False),
-            nn.BatchNorm1d(config.hidden),
-            nn.ReLU(inplace=True),
-            nn.Dropout(config.dropout),
-            nn.Linear(config.hidden, len(CLASSES)),
-        )
-
-    def forward(self, garment: Tensor) -> Tensor:
-        return self.head(self.features((garment - PIXEL_MEAN) / PIXEL_STD))
-
-
 class ClassifierServing(nn.Module):
     """The served network: class probabilities [N, 10] and the most likely label [N, 1] (int64)."""
 
@@ -163,3 +100,11 @@ class ClassifierServing(nn.Module):
     def forward(self, garment: Tensor) -> tuple[Tensor, Tensor]:
         probabilities = self.classifier(garment).softmax(1)
         return probabilities, probabilities.argmax(1, keepdim=True)
+
+
+class PGGANPostprocess(nn.Module):
+    """[-1, 1] NCHW -> uint8 HWC, as the official code: x * 127.5 + 127.5, rounded, saturated."""
+
+    def forward(self, image: Tensor) -> Tensor:
+        pixels = (image * 127.5 + 127.5).round().clamp(0.0, 255.0)
+        return pixels.to(torch.uint8).permute(0, 2, 3, 1)

@@ -3,16 +3,16 @@
 They exist to prove the training loop, the export and the try-on gate end to end without the real
 data (which is never downloaded); a classifier trained on them means nothing on real garments.
 
-    python -m fashionserve.catalogue.synthetic OUT_DIR [--train 2000 --test 500 --seed 0]
+    python -m fashionserve.catalogue.samples OUT_DIR [--train 2000 --test 500 --seed 0]
 """
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
 
 from fashionserve.catalogue.data import SPLITS, write_idx
+from fashionserve.cli import command_parser
 
 # Outline of each class in unit coordinates (x, y), top-left origin; Fashion-MNIST label order.
 _TORSO_LONG_SLEEVES = [
@@ -101,9 +101,7 @@ def write_synthetic_set(root: Path, train: int = 2000, test: int = 500, seed: in
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
     parser.add_argument("out", type=Path, help="folder for the four IDX .gz files")
     parser.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
     parser.add_argument("--test", type=int, default=500, help="test images (default 500)")

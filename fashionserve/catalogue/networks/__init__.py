@@ -1,0 +1,1 @@
+"""The catalogue networks (garment classifier, PG-GAN generator), module names matching their checkpoints."""

@@ -1,0 +1,1 @@
+"""The hair networks, with module names matching the public checkpoints."""

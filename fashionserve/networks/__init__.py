@@ -1,1 +1,0 @@
-"""PyTorch networks whose state_dict keys match the public checkpoints."""

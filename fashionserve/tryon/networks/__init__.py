@@ -1,0 +1,1 @@
+"""HR-VITON networks, with module names matching the official checkpoints."""
