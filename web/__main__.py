@@ -17,7 +17,7 @@ from pathlib import Path
 
 import uvicorn
 
-from fashionserve.cli import UserError, run
+from fashionserve.cli import UserError, command_parser, run
 from fashionserve.client import DEFAULT_URLS
 from fashionserve.tryon.samples import write_sample_set
 from web.app import Settings, create_app
@@ -28,9 +28,8 @@ SAMPLE_HEIGHT, SAMPLE_WIDTH = 1024, 768  # scaled to the served resolution per r
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m web", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = command_parser(__doc__)
+    parser.prog = "python -m web"
     parser.add_argument(
         "--triton", default=DEFAULT_URLS["grpc"], help="Triton gRPC address (default %(default)s)"
     )

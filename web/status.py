@@ -16,7 +16,9 @@ from pathlib import Path
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from fashionserve.registry import ALIAS, LIVE_VERSION_TAG, STATE_FILE, connect
+from fashionserve.cli import RANDOM_INIT
+from fashionserve.registry import ALIAS, connect
+from fashionserve.sync import LIVE_VERSION_TAG, STATE_FILE
 
 # registered model -> the ensembles it serves, as the pages use them
 PIPELINES = {"tryon": ("tryon",), "hair": ("hair_transfer", "hair_edit")}
@@ -33,6 +35,7 @@ class EnsembleStatus:
     triton_version: int | None  # the newest READY version Triton has (what a request gets)
     registered_version: str | None  # the MLflow version serving, as sync recorded it
     production_version: str | None  # what the alias points at now (None: MLflow not configured)
+    random_init: bool | None  # the serving version has untrained weights (None: unknown without MLflow)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class StatusReader:
         self.repository = repository
         self.mlflow_uri = mlflow_uri
         self._mlflow_cache: tuple[float, dict[str, tuple[str | None, str | None]]] = (-MLFLOW_CACHE_S, {})
+        self._random_init: dict[tuple[str, str], bool] = {}  # a version's weights never change
 
     def read(self) -> ServerStatus:
         """Blocking (gRPC, file, MLflow): run it in a worker thread."""
@@ -72,6 +76,8 @@ class StatusReader:
         ensembles = []
         for model, names in PIPELINES.items():
             live_tag, production = registry.get(model, (None, None))
+            registered = synced.get(model) or live_tag
+            random_init = None if registered is None else self._random_init.get((model, registered))
             for name in names:
                 versions = [
                     int(entry["version"])
@@ -84,8 +90,9 @@ class StatusReader:
                         registered_model=model,
                         ready=bool(versions),
                         triton_version=max(versions) if versions else None,
-                        registered_version=synced.get(model) or live_tag,
+                        registered_version=registered,
                         production_version=production,
+                        random_init=random_init,
                     )
                 )
         return ServerStatus(self.triton_url, True, ready, ensembles)
@@ -123,6 +130,10 @@ class StatusReader:
                 live = registered[0].tags.get(LIVE_VERSION_TAG)
                 production = registered[0].aliases.get(ALIAS)
                 found[model] = (live, None if production is None else str(production))
+                for version in {live, self._synced_versions().get(model)} - {None}:
+                    if (model, version) not in self._random_init:
+                        tags = client.get_model_version(model, version).tags
+                        self._random_init[(model, version)] = RANDOM_INIT in tags
         except Exception as exc:  # RegistryError, MlflowException, network errors: the status must not fail
             logger.warning("cannot read the registry at %s: %s", self.mlflow_uri, str(exc).splitlines()[0])
         self._mlflow_cache = (time.monotonic(), found)

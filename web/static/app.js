@@ -198,6 +198,7 @@ function describe(status) {
     const production = ensemble.production_version;
     if (production && production !== ensemble.registered_version) text += ` (production is v${production}, not live yet)`;
     else if (production) text += " (production)";
+    if (ensemble.random_init) text += ", random-init weights: results are noise";
     return text;
   });
   const server = status.ready ? "Model server ready" : "Model server not ready";
