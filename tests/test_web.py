@@ -5,6 +5,7 @@ concurrency guarantees in process, and the three pages in a real headless Chromi
 Set WEB_SCREENSHOTS=docs to save a screenshot of each page as docs/web_<page>.png."""
 
 import asyncio
+import contextlib
 import io
 import json
 import logging
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -66,17 +68,13 @@ def stack(tmp_path_factory, tryon_bundle):
         yield triton, mlflow_server.url
 
 
-@pytest.fixture(scope="module")
-def web(stack, samples_dir, tmp_path_factory):
-    """`python -m web` as a user starts it; yields its base URL."""
-    triton, mlflow_url = stack
+@contextlib.contextmanager
+def running_web(log: Path, *options: str) -> Iterator[str]:
+    """`python -m web OPTIONS` as a user starts it, on a free port; yields its base URL. Its output goes
+    to `log`, which must hold no traceback at the end (every failure was an expected one)."""
     (port,) = free_ports(1)
-    command = [
-        sys.executable, "-m", "web", "--triton", triton.grpc_url, "--dataroot", str(samples_dir),
-        "--repository", str(triton.repository), "--mlflow-uri", mlflow_url, "--port", str(port),
-    ]  # fmt: skip
-    log = tmp_path_factory.mktemp("web") / "web.log"
     with log.open("w") as output:
+        command = [sys.executable, "-m", "web", *options, "--port", str(port)]
         process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=output, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
 
@@ -92,7 +90,18 @@ def web(stack, samples_dir, tmp_path_factory):
     finally:
         process.terminate()
         process.wait(timeout=30)
-    assert "Traceback" not in log.read_text(), log.read_text()  # every failure was an expected one
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture(scope="module")
+def web(stack, samples_dir, tmp_path_factory):
+    triton, mlflow_url = stack
+    log = tmp_path_factory.mktemp("web") / "web.log"
+    with running_web(
+        log, "--triton", triton.grpc_url, "--dataroot", str(samples_dir), "--repository",
+        str(triton.repository), "--mlflow-uri", mlflow_url,
+    ) as url:  # fmt: skip
+        yield url
 
 
 def png_bytes(image: np.ndarray | Image.Image, format: str = "PNG") -> bytes:
