@@ -155,6 +155,7 @@ def load_person_files(files: dict[str, Path], agnostic: Path | None = None) -> d
         "parse_agnostic": _labels("parse-agnostic map", files["parse-agnostic map"], size),
     }
 
+
 def resize_inputs(inputs: dict[str, np.ndarray], height: int, width: int) -> dict[str, np.ndarray]:
     """The try-on inputs of one pair scaled to height x width: images bilinear, masks and label maps
     nearest (a label must stay a label)."""
