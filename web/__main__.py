@@ -90,7 +90,7 @@ def main() -> None:
         app = create_app(settings)
         print(f"web app on http://{args.host}:{args.port}/ (Triton gRPC {args.triton})", flush=True)
         try:
-            uvicorn.run(app, host=args.host, port=args.port, log_level="info", server_header=False)
+            uvicorn.run(app, host=args.host, port=args.port, access_log=False, server_header=False)
         except SystemExit as exc:  # uvicorn exits 1 when the port is taken (after logging why)
             raise UserError(f"cannot serve on {args.host}:{args.port} (see the log line above)") from exc
 
