@@ -1,10 +1,13 @@
 """Hairstyle try-on through Triton: write PNGs of portraits with another portrait's hairstyle
 (`hair_transfer`), or with their hair edited along a latent direction (`hair_edit`).
 
-Portraits are face-aligned square crops (FFHQ alignment: eyes level, a little above the centre, the chin
-near the bottom; what the encoder and generator were trained on) of the size the server takes (the
-`hair` bundle's resolution, 1024 by default). A crop of another size is refused unless --resize scales
-it; a non-square image is always refused. Everything is checked before anything is sent.
+Portraits and references are any photos: the client finds the largest face (dlib detector and 68
+landmarks, fashionserve/hair/alignment.py), cuts the FFHQ-aligned crop the server takes (the `hair`
+bundle's resolution, 1024 by default) and pastes the result back into the original portrait photo, where
+the server changed the crop (the hair region); the rest of the photo is kept bit for bit. With --aligned
+the images are taken as ready face-aligned square crops and the result is the crop: another size is
+refused unless --resize scales it; a non-square image is always refused. Everything is checked (and
+aligned) before anything is sent.
 
 Transfer: --portrait P [P ...] --reference R [R ...] (one reference for all portraits, or one each).
 Edit: --portrait P [P ...] --direction D.npy --strength S. D is an InterFaceGAN-style direction in W
@@ -15,7 +18,8 @@ without --direction in edit mode, a sample direction that is NOT semantic (a see
 
 Examples:
   python client/hair.py --out work/hair
-  python client/hair.py --portrait me.png --reference style.png --out work/hair
+  python client/hair.py --portrait selfie.jpg --reference style.jpg --out work/hair
+  python client/hair.py --aligned --portrait crop.png --reference style_crop.png --out work/hair
   python client/hair.py --portrait me.png --direction bangs.npy --strength 1.5 --out work/hair
   python client/hair.py --strength 2 --protocol http --url 127.0.0.1:8000 --out work/hair
 """
@@ -23,6 +27,7 @@ Examples:
 import argparse
 import itertools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -32,13 +37,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.cli import UserError, command_parser, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
+from fashionserve.hair.alignment import (  # noqa: E402
+    MAX_UPSCALE,
+    Alignment,
+    FaceAligner,
+    paste_into_photo,
+    read_photo,
+)
 from fashionserve.hair.directions import per_layer_direction  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 
 TRANSFER, EDIT = "hair_transfer", "hair_edit"
 INPUTS = {TRANSFER: ("portrait", "reference"), EDIT: ("portrait", "direction", "strength")}
 
-Item = tuple[str, dict[str, np.ndarray]]  # output name, one sample's inputs
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a portrait's crop came from, to paste the result back."""
+
+    photo: np.ndarray
+    alignment: Alignment
+
+
+Item = tuple[str, dict[str, np.ndarray], Placement | None]  # output name, one sample's inputs, its photo
 
 
 def parse_args() -> argparse.Namespace:
@@ -53,7 +74,21 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--protocol", choices=PROTOCOLS, default="grpc", help="grpc (default) or http")
     parser.add_argument("--model", help=f"ensemble name (default {TRANSFER} or {EDIT}, by mode)")
     parser.add_argument("--batch", type=int, default=1, help="portraits per request (default 1)")
-    parser.add_argument("--resize", action="store_true", help="scale square crops to the served size")
+    parser.add_argument("--aligned", action="store_true", help="images are ready FFHQ-aligned square crops")
+    parser.add_argument(
+        "--resize", action="store_true", help="with --aligned: scale crops to the served size"
+    )
+    parser.add_argument(
+        "--max-upscale",
+        type=float,
+        default=MAX_UPSCALE,
+        help=f"refuse faces whose crop would be enlarged more than this (default {MAX_UPSCALE:g})",
+    )
+    parser.add_argument(
+        "--landmark-model",
+        type=Path,
+        help="another dlib 68-point shape_predictor .dat (default: the packaged one)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="folder for the result PNGs")
     args = parser.parse_args()
     args.mode = EDIT if args.direction is not None or args.strength is not None else TRANSFER
@@ -67,6 +102,10 @@ def parse_args() -> argparse.Namespace:
         parser.error("--reference needs --portrait")
     if args.batch < 1:
         parser.error("--batch must be at least 1")
+    if args.resize and not args.aligned:
+        parser.error("--resize only applies to --aligned crops (photos are aligned to the served size)")
+    if not args.max_upscale > 0:
+        parser.error("--max-upscale must be positive")
     return args
 
 
@@ -109,40 +148,61 @@ def read_direction(path: Path | None, n_latent: int, style_dim: int) -> np.ndarr
         raise UserError(f"direction {path} {exc}") from None
 
 
-def transfer_items(args: argparse.Namespace, size: int) -> list[Item]:
+class FaceReader:
+    """The user's images as the crops the server takes: FFHQ-aligned crops of any photo (the default), or
+    ready crops (--aligned). The face models load on first use."""
+
+    def __init__(self, args: argparse.Namespace, size: int):
+        self.args = args
+        self.size = size
+        self.aligner: FaceAligner | None = None
+
+    def crop(self, path: Path) -> tuple[np.ndarray, Placement | None]:
+        if self.args.aligned:
+            return read_portrait(path, self.size, self.args.resize), None
+        photo = read_photo(path)
+        if self.aligner is None:
+            self.aligner = FaceAligner(self.args.landmark_model)
+        aligned = self.aligner.align(photo, self.size, path, self.args.max_upscale)
+        face = aligned.face
+        several = f"found {aligned.faces_found} faces, using the largest: " if aligned.faces_found > 1 else ""
+        print(
+            f"{path}: {several}face {face.width}x{face.height} px at ({face.box[0]}, {face.box[1]}), "
+            f"crop {aligned.alignment.side:.0f} px across"
+        )
+        return aligned.crop, Placement(photo, aligned.alignment)
+
+
+def transfer_items(args: argparse.Namespace, reader: FaceReader) -> list[Item]:
     if args.portrait is None:
-        samples = list(sample_portraits(size).items())
+        samples = list(sample_portraits(reader.size).items())
         references = samples[1:] + samples[:1]
         return [
-            (f"{name}_hair_{ref_name}", {"portrait": image, "reference": ref})
+            (f"{name}_hair_{ref_name}", {"portrait": image, "reference": ref}, None)
             for (name, image), (ref_name, ref) in zip(samples, references, strict=True)
         ]
     references = args.reference if len(args.reference) > 1 else args.reference * len(args.portrait)
-    return [
-        (
-            f"{portrait.stem}_hair_{reference.stem}",
-            {
-                "portrait": read_portrait(portrait, size, args.resize),
-                "reference": read_portrait(reference, size, args.resize),
-            },
-        )
-        for portrait, reference in zip(args.portrait, references, strict=True)
-    ]
+    items = []
+    for portrait, reference in zip(args.portrait, references, strict=True):
+        crop, placement = reader.crop(portrait)
+        inputs = {"portrait": crop, "reference": reader.crop(reference)[0]}
+        items.append((f"{portrait.stem}_hair_{reference.stem}", inputs, placement))
+    return items
 
 
-def edit_items(args: argparse.Namespace, size: int, n_latent: int, style_dim: int) -> list[Item]:
+def edit_items(args: argparse.Namespace, reader: FaceReader, n_latent: int, style_dim: int) -> list[Item]:
     direction = read_direction(args.direction, n_latent, style_dim)
     strength = 1.0 if args.strength is None else args.strength
     if not np.isfinite(strength):
         raise UserError(f"--strength must be a finite number, got {strength}")
     label = f"edit_{args.direction.stem if args.direction else 'sample'}_{strength:g}"
     portraits = (
-        list(sample_portraits(size).items())
+        [(name, image, None) for name, image in sample_portraits(reader.size).items()]
         if args.portrait is None
-        else [(p.stem, read_portrait(p, size, args.resize)) for p in args.portrait]
+        else [(p.stem, *reader.crop(p)) for p in args.portrait]
     )
     values = {"direction": direction, "strength": np.array([strength], np.float32)}
-    return [(f"{name}_{label}", {"portrait": image, **values}) for name, image in portraits]
+    return [(f"{name}_{label}", {"portrait": image, **values}, place) for name, image, place in portraits]
 
 
 def main() -> None:
@@ -156,18 +216,20 @@ def main() -> None:
         raise UserError(
             f"model '{client.model}' takes {sorted(shapes)}, not the {args.mode} inputs {list(expected)}"
         )
-    size = shapes["portrait"][0]
+    reader = FaceReader(args, size=shapes["portrait"][0])
     if args.mode == EDIT:
         n_latent, style_dim = shapes["direction"]
-        items = edit_items(args, size, n_latent, style_dim)
+        items = edit_items(args, reader, n_latent, style_dim)
     else:
-        items = transfer_items(args, size)
+        items = transfer_items(args, reader)
     args.out.mkdir(parents=True, exist_ok=True)
     pending = iter(items)
     while chunk := list(itertools.islice(pending, args.batch)):
-        batch = {name: np.stack([inputs[name] for _, inputs in chunk]) for name in chunk[0][1]}
+        batch = {name: np.stack([inputs[name] for _, inputs, _ in chunk]) for name in chunk[0][1]}
         images = client.infer(batch)["hair_image"]
-        for (name, _), image in zip(chunk, images, strict=True):
+        for (name, inputs, placement), image in zip(chunk, images, strict=True):
+            if placement is not None:  # back into the original photo, where the server changed the crop
+                image = paste_into_photo(placement.photo, placement.alignment, inputs["portrait"], image)
             path = args.out / f"{name}.png"
             save_png(path, image)
             print(f"wrote {path}")

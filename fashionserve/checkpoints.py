@@ -1,11 +1,15 @@
 """Reading PyTorch checkpoints safely and loading them strictly, with one-line error messages."""
 
 import hashlib
+import io
+import pickle
+import re
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 MODULE_PREFIX = "module."  # added by (Distributed)DataParallel wrappers
 MAX_LISTED = 5  # offending keys named in an error message before "... and N more"
@@ -111,3 +115,155 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: handle.read(1 << 20), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# --- TorchScript archives, read without torch.jit.load ------------------------------------------------
+# torch.jit.load compiles the archive's TorchScript code (no Python runs, but it is a compiler fed with
+# the file's text). Only the tensors are needed, so the archive's data.pkl is unpickled with a closed list
+# of constructors: TorchScript objects become plain records, tensors are rebuilt from the data/ records,
+# and anything else stops the read. Which attributes are parameters or buffers (what state_dict() holds)
+# is read from the `__parameters__` / `__buffers__` lines of the class declarations in code/, as text.
+
+_STORAGE_DTYPES = {
+    "FloatStorage": torch.float32,
+    "HalfStorage": torch.float16,
+    "BFloat16Storage": torch.bfloat16,
+    "DoubleStorage": torch.float64,
+    "LongStorage": torch.int64,
+    "IntStorage": torch.int32,
+    "ShortStorage": torch.int16,
+    "CharStorage": torch.int8,
+    "ByteStorage": torch.uint8,
+    "BoolStorage": torch.bool,
+}
+_CLASS_DECLARATION = re.compile(r"^class (\w+)\(Module\):\n((?:  .*\n)*)", re.MULTILINE)
+_NAME_LIST = re.compile(r"^  __(parameters|buffers)__ = \[(.*)\]$", re.MULTILINE)
+
+
+class _ScriptObject:
+    """A TorchScript object from data.pkl: its class (`qualified_name`) and attribute state."""
+
+    qualified_name = ""
+
+    def __setstate__(self, state: object) -> None:
+        self.state = state
+
+
+def _passthrough(value: object, *_: object) -> object:
+    """torch.jit._pickle's list builders and type tags: the value itself."""
+    return value
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickler for a TorchScript data.pkl that constructs nothing but tensors, dicts and records."""
+
+    def __init__(self, archive: zipfile.ZipFile, prefix: str):
+        super().__init__(io.BytesIO(archive.read(f"{prefix}data.pkl")))
+        self.archive, self.prefix = archive, prefix
+        self.storages: dict[str, Tensor] = {}
+        self.classes: dict[str, type] = {}
+
+    def find_class(self, module: str, name: str) -> object:
+        if module == "__torch__" or module.startswith("__torch__."):
+            qualified = f"{module}.{name}"
+            if qualified not in self.classes:
+                self.classes[qualified] = type(name, (_ScriptObject,), {"qualified_name": qualified})
+            return self.classes[qualified]
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return self._rebuild_tensor
+        if (module, name) == ("collections", "OrderedDict"):
+            return OrderedDict
+        if module == "torch.jit._pickle" and (name.startswith("build_") or name == "restore_type_tag"):
+            return _passthrough
+        raise pickle.UnpicklingError(f"refusing to construct {module}.{name}")
+
+    def persistent_load(self, pid: object) -> Tensor:
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
+            raise pickle.UnpicklingError(f"unknown persistent id {pid!r}")
+        _, dtype, key, _location, numel = pid
+        if not isinstance(dtype, torch.dtype):
+            raise pickle.UnpicklingError(f"unknown storage type {dtype!r}")
+        if key not in self.storages:
+            raw = bytearray(self.archive.read(f"{self.prefix}data/{key}"))
+            if len(raw) != numel * dtype.itemsize:
+                raise pickle.UnpicklingError(f"storage {key}: {len(raw)} bytes for {numel} x {dtype}")
+            self.storages[key] = torch.frombuffer(raw, dtype=dtype) if raw else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+    @staticmethod
+    def _rebuild_tensor(storage: Tensor, offset: int, size: tuple, stride: tuple, *_: object) -> Tensor:
+        return storage.as_strided(size, stride, offset)  # raises on a view outside the storage
+
+
+def _state_names(archive: zipfile.ZipFile, prefix: str) -> dict[str, list[str]]:
+    """Class qualified name -> its parameter and buffer attribute names, from the code/ declarations."""
+    names: dict[str, list[str]] = {}
+    code = f"{prefix}code/"
+    for entry in archive.namelist():
+        if not (entry.startswith(code) and entry.endswith(".py")):
+            continue
+        module = entry[len(code) : -len(".py")].replace("/", ".")
+        for class_name, body in _CLASS_DECLARATION.findall(archive.read(entry).decode("utf-8", "replace")):
+            listed = [re.findall(r'"(\w+)"', items) for _, items in _NAME_LIST.findall(body)]
+            names[f"{module}.{class_name}"] = [name for group in listed for name in group]
+    return names
+
+
+def _torchscript_prefix(archive: zipfile.ZipFile) -> str | None:
+    """The record prefix ("name/") of a TorchScript archive: a data.pkl beside a constants.pkl (plain
+    torch.save archives have no constants.pkl); None for other zip files."""
+    names = set(archive.namelist())
+    pickles = [name for name in names if name.endswith("/data.pkl")]
+    if len(pickles) == 1 and pickles[0].removesuffix("data.pkl") + "constants.pkl" in names:
+        return pickles[0].removesuffix("data.pkl")
+    return None
+
+
+def is_torchscript_archive(path: Path) -> bool:
+    """Whether `path` is a TorchScript archive (torch.jit.save), judged from its zip directory only."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return _torchscript_prefix(archive) is not None
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
+def read_torchscript_state_dict(path: Path) -> dict[str, Tensor]:
+    """The state_dict() a torch.jit.load of the TorchScript archive `path` would give (parameters and
+    buffers under their dotted module paths), read without loading TorchScript. CheckpointError if the
+    file is not such an archive or holds anything but modules, tensors and plain values."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            prefix = _torchscript_prefix(archive)
+            if prefix is None:
+                raise CheckpointError(f"{path}: not a TorchScript archive (no data.pkl beside constants.pkl)")
+            root = _ArchiveUnpickler(archive, prefix).load()
+            declarations = _state_names(archive, prefix)
+    except (zipfile.BadZipFile, pickle.UnpicklingError, KeyError, RuntimeError, EOFError) as exc:
+        detail = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CheckpointError(
+            f"{path}: not a readable TorchScript archive ({type(exc).__name__}: {detail})"
+        ) from exc
+    state_dict: dict[str, Tensor] = OrderedDict()
+
+    def collect(record: object, prefix: str) -> None:
+        if not isinstance(record, _ScriptObject) or not isinstance(getattr(record, "state", None), dict):
+            raise CheckpointError(f"{path}: module {prefix or '<root>'} is not a TorchScript module record")
+        attributes = record.state
+        # Without a readable declaration (an archive format we have not seen), every tensor attribute
+        # counts; strict loading afterwards names any that the network does not have.
+        names = declarations.get(record.qualified_name, list(attributes))
+        for name in names:
+            if torch.is_tensor(attributes.get(name)):
+                state_dict[prefix + name] = attributes[name]
+        for name, value in attributes.items():
+            if isinstance(value, _ScriptObject):
+                collect(value, f"{prefix}{name}.")
+
+    collect(root, "")
+    return state_dict

@@ -410,7 +410,7 @@ def test_client_cli_transfers_the_samples_and_explicit_files(server, tmp_path):
     # the same pair from files, over HTTP, a larger crop scaled down
     Image.fromarray(draw_portrait(0, SIZE)).save(tmp_path / "me.png")
     Image.fromarray(draw_portrait(1, SIZE)).resize((2 * SIZE, 2 * SIZE)).save(tmp_path / "style.png")
-    args = ["--portrait", str(tmp_path / "me.png"), "--reference", str(tmp_path / "style.png")]
+    args = ["--aligned", "--portrait", str(tmp_path / "me.png"), "--reference", str(tmp_path / "style.png")]
     refused = run_cli("client/hair.py", *args, "--url", server.grpc_url, "--out", str(tmp_path / "b"))
     assert "is 128x128; the server takes 64x64 crops (--resize scales it)" in one_line_error(refused)
     result = run_cli(
@@ -435,8 +435,9 @@ def test_client_cli_edits_with_a_direction_file(server, pipeline, tmp_path):
     np.save(tmp_path / "bangs.npy", direction[None])  # InterFaceGAN's [1, style_dim] layout
     Image.fromarray(draw_portrait(2, SIZE)).save(tmp_path / "me.png")
     result = run_cli(
-        "client/hair.py", "--portrait", str(tmp_path / "me.png"), "--direction", str(tmp_path / "bangs.npy"),
-        "--strength", "1.5", "--url", server.grpc_url, "--out", str(tmp_path / "out"),
+        "client/hair.py", "--aligned", "--portrait", str(tmp_path / "me.png"),
+        "--direction", str(tmp_path / "bangs.npy"), "--strength", "1.5",
+        "--url", server.grpc_url, "--out", str(tmp_path / "out"),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     served = np.asarray(Image.open(tmp_path / "out" / "me_edit_bangs_1.5.png")).astype(int)
@@ -457,7 +458,7 @@ def test_client_cli_refuses_bad_inputs_in_one_line(server, tmp_path):
     Image.new("RGB", (SIZE, SIZE - 8)).save(tmp_path / "wide.png")
     Image.fromarray(draw_portrait(0, SIZE)).save(tmp_path / "me.png")
     np.save(tmp_path / "bad.npy", np.zeros((3, 128), np.float32))
-    url = ["--url", server.grpc_url, "--out", str(tmp_path / "out")]
+    url = ["--aligned", "--url", server.grpc_url, "--out", str(tmp_path / "out")]
     cases = [
         (
             ["--portrait", str(tmp_path / "wide.png"), "--reference", str(tmp_path / "me.png")],
