@@ -23,9 +23,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from PIL import Image
 from scipy import ndimage
+from skimage.data import astronaut
 
 from fashionserve import registry
 from fashionserve.client import TritonModelClient
+from fashionserve.hair.alignment import FaceAligner, paste_into_photo
 from fashionserve.hair.bundle import export_bundle as export_hair_bundle
 from fashionserve.hair.bundle import load_networks as load_hair_networks
 from fashionserve.hair.samples import sample_direction, sample_portraits
@@ -241,6 +243,25 @@ def test_hair_transfer_and_edit_equal_triton(web, stack):
     np.testing.assert_array_equal(edited, direct(stack[0], "hair_edit", inputs, "hair_image"))
 
 
+def test_a_photo_is_aligned_and_the_result_pasted_back(web, stack):
+    """Any photo (here a non-square one with a real face): the face's FFHQ crop goes to the server and
+    the result comes back as the whole photo, changed only where the server changed the crop."""
+    photo = astronaut()[:, 40:460]
+    form = {"portrait": ("me.jpg", png_bytes(photo), "image/png"), "strength": (None, "3")}
+    result = decode(httpx.post(f"{web}/api/hair/edit", files=form, timeout=120))
+    assert result.shape == photo.shape
+    aligned = FaceAligner().align(photo, HAIR_SIZE, "astronaut")
+    n_latent, style_dim = HAIR_CONFIG.n_latent, HAIR_CONFIG.style_dim
+    inputs = {
+        "portrait": aligned.crop,
+        "direction": np.repeat(sample_direction(style_dim)[None], n_latent, axis=0),
+        "strength": np.array([3.0], np.float32),
+    }
+    served = direct(stack[0], "hair_edit", inputs, "hair_image")
+    np.testing.assert_array_equal(result, paste_into_photo(photo, aligned.alignment, aligned.crop, served))
+    assert not np.array_equal(result, photo) and (result == photo).all(axis=-1).mean() > 0.5
+
+
 BAD_REQUESTS = {
     "not an image": (
         "/api/hair/transfer",
@@ -263,11 +284,11 @@ BAD_REQUESTS = {
         400,
         "could not be decoded",
     ),
-    "not square": (
+    "no face and not square": (
         "/api/hair/edit",
         {"portrait": ("me.png", png_bytes(np.zeros((80, 64, 3), np.uint8)), "image/png")},
         400,
-        "is 64x80: upload a square, face-aligned crop",
+        "No face found in the photo: upload a photo where the face is clearly visible",
     ),
     "too large": (
         "/api/hair/edit",

@@ -6,6 +6,7 @@ user's request never holds up another's. Uploaded photos stay in memory (see web
 
 import io
 import logging
+import threading
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -23,6 +24,7 @@ from tritonclient.utils import InferenceServerException
 
 from fashionserve.catalogue.gate import GATE_MODEL, classify
 from fashionserve.client import ClientError, TritonModelClient
+from fashionserve.hair.alignment import Alignment, AlignmentError, FaceAligner, paste_into_photo
 from fashionserve.hair.directions import per_layer_direction
 from fashionserve.hair.samples import SAMPLE_PORTRAITS, sample_direction, sample_portraits
 from fashionserve.tryon.dataset import (
@@ -119,18 +121,47 @@ def png_response(image: np.ndarray) -> Response:
     return Response(buffer.getvalue(), media_type="image/png")
 
 
-def fit_square(image: np.ndarray, what: str, size: int) -> np.ndarray:
-    """A square portrait scaled to the served size; other shapes are refused (the models take
-    face-aligned square crops)."""
-    height, width = image.shape[:2]
-    if height != width:
-        raise UploadError(
-            f"The {what} is {width}x{height}: upload a square, face-aligned crop of the face "
-            "(eyes level, a little above the centre, chin near the bottom)."
-        )
-    if width == size:
-        return image
-    return np.asarray(Image.fromarray(image).resize((size, size), Image.LANCZOS))
+@dataclass(frozen=True)
+class Portrait:
+    """What the hair models get for one image: the served-size crop, and for an uploaded photo whose face
+    was aligned, the photo and its alignment (the result is pasted back into it)."""
+
+    crop: np.ndarray
+    photo: np.ndarray | None = None
+    alignment: Alignment | None = None
+
+    def result(self, served: np.ndarray) -> np.ndarray:
+        if self.alignment is None:
+            return served
+        return paste_into_photo(self.photo, self.alignment, self.crop, served)
+
+
+class Faces:
+    """dlib face alignment (fashionserve.hair.alignment), loaded on first use, one thread at a time."""
+
+    def __init__(self):
+        self._aligner: FaceAligner | None = None
+        self._lock = threading.Lock()
+
+    def portrait(self, photo: np.ndarray, what: str, size: int) -> Portrait:
+        """The FFHQ crop of the largest face in `photo`. A square photo where no face is found is taken
+        as a ready face-aligned crop (e.g. the drawn samples, which dlib does not see as faces)."""
+        try:
+            with self._lock:
+                if self._aligner is None:
+                    self._aligner = FaceAligner()
+                aligned = self._aligner.align(photo, size, f"the {what}")
+        except AlignmentError as exc:
+            height, width = photo.shape[:2]
+            if not str(exc).startswith("no face found") or height != width:
+                raise UploadError(
+                    f"{str(exc)[0].upper()}{str(exc)[1:]}: upload a photo where the face is clearly "
+                    "visible, or a square face-aligned crop."
+                ) from None
+            if width == size:
+                return Portrait(photo)
+            return Portrait(np.asarray(Image.fromarray(photo).resize((size, size), Image.LANCZOS)))
+        return Portrait(aligned.crop, photo, aligned.alignment)
 
 
 def garment_from_photo(photo: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -187,6 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
     app = FastAPI(title="fashionserve", docs_url="/api/docs", redoc_url=None, openapi_url="/api/openapi.json")
     models = Models(settings)
     catalogue = Catalogue(settings.dataroot, settings.split)
+    faces = Faces()
     status = StatusReader(models.connection, settings.triton_url, settings.repository, settings.mlflow_uri)
     limits = settings.limits
     app.state.models = models
@@ -304,10 +336,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise UploadError(f"No sample portrait named {sample!r}.")
         return data, sample
 
-    def _square(data: bytes | None, sample: str, what: str, size: int) -> np.ndarray:
+    def _square(data: bytes | None, sample: str, what: str, size: int) -> Portrait:
         if data is None:
-            return _samples(size)[sample]
-        return fit_square(decode_image(data, what, limits), what, size)
+            return Portrait(_samples(size)[sample])
+        return faces.portrait(decode_image(data, what, limits), what, size)
 
     @app.post("/api/hair/transfer")
     async def hair_transfer(request: Request) -> Response:
@@ -318,11 +350,12 @@ def create_app(settings: Settings) -> FastAPI:
         def run() -> np.ndarray:
             client = models.client("hair_transfer", "hairstyle transfer")
             size = next(spec.shape[0] for spec in client.inputs if spec.name == "portrait")
+            mine = _square(*portrait, "photo", size)
             inputs = {
-                "portrait": _square(*portrait, "photo", size),
-                "reference": _square(*reference, "hairstyle reference", size),
+                "portrait": mine.crop,
+                "reference": _square(*reference, "hairstyle reference", size).crop,
             }
-            return models.infer(client, inputs, "hair_image")
+            return mine.result(models.infer(client, inputs, "hair_image"))
 
         return png_response(await _timed("hair_transfer", run_in_threadpool(run)))
 
@@ -342,12 +375,13 @@ def create_app(settings: Settings) -> FastAPI:
             client = models.client("hair_edit", "hair edit")
             shapes = {spec.name: spec.shape for spec in client.inputs}
             n_latent, style_dim = shapes["direction"]
+            mine = _square(*portrait, "photo", shapes["portrait"][0])
             inputs = {
-                "portrait": _square(*portrait, "photo", shapes["portrait"][0]),
+                "portrait": mine.crop,
                 "direction": _direction(name, n_latent, style_dim),
                 "strength": np.array([strength], np.float32),
             }
-            return models.infer(client, inputs, "hair_image")
+            return mine.result(models.infer(client, inputs, "hair_image"))
 
         return png_response(await _timed("hair_edit", run_in_threadpool(run)))
 
