@@ -51,6 +51,7 @@ from fashionserve.hair.alignment import (  # noqa: E402
     paste_into_photo,
     read_photo,
 )
+from fashionserve.hair.directions import per_layer_direction  # noqa: E402
 from fashionserve.hair.samples import sample_direction, sample_portraits  # noqa: E402
 
 TRANSFER, EDIT = "hair_transfer", "hair_edit"
@@ -143,20 +144,10 @@ def read_direction(path: Path | None, n_latent: int, style_dim: int) -> np.ndarr
         direction = np.load(path, allow_pickle=False)
     except (ValueError, OSError) as exc:
         raise UserError(f"cannot read direction {path} as .npy: {exc}") from None
-    if not np.issubdtype(direction.dtype, np.floating):
-        raise UserError(f"direction {path} holds {direction.dtype}, expected floats")
-    if direction.shape in ((style_dim,), (1, style_dim)):
-        direction = np.repeat(direction.reshape(1, style_dim), n_latent, axis=0)
-    elif direction.shape in ((n_latent, style_dim), (1, n_latent, style_dim)):
-        direction = direction.reshape(n_latent, style_dim)
-    else:
-        raise UserError(
-            f"direction {path} has shape {list(direction.shape)}; the served model takes "
-            f"[{style_dim}], [1, {style_dim}] or [{n_latent}, {style_dim}]"
-        )
-    if not np.isfinite(direction).all():
-        raise UserError(f"direction {path} holds NaN or infinite values")
-    return direction.astype(np.float32)
+    try:
+        return per_layer_direction(direction, n_latent, style_dim)
+    except ValueError as exc:
+        raise UserError(f"direction {path} {exc}") from None
 
 
 class FaceReader:

@@ -26,16 +26,20 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
 from fashionserve.catalogue.gate import DEFAULT_THRESHOLD, GATE_MODEL, classify  # noqa: E402
 from fashionserve.cli import UserError, command_parser, output_folder, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
-from fashionserve.tryon.dataset import DatasetError, load_tryon_files, load_tryon_inputs, read_pairs  # noqa: E402
+from fashionserve.tryon.dataset import (  # noqa: E402
+    DatasetError,
+    load_tryon_files,
+    load_tryon_inputs,
+    read_pairs,
+    resize_inputs,
+)
 
-IMAGE_INPUTS = ("cloth", "agnostic", "densepose")  # resized bilinear; the others are masks/labels (nearest)
 # option -> the dataset file key it fills
 EXPLICIT_FILES = {
     "person-image": "person image",
@@ -123,13 +127,6 @@ def iter_samples(args: argparse.Namespace) -> Iterator[tuple[str, dict[str, np.n
         yield name, load_tryon_inputs(args.dataroot, person, cloth, args.split, agnostic)
 
 
-def _resize(name: str, array: np.ndarray, height: int, width: int) -> np.ndarray:
-    if array.shape[:2] == (height, width):
-        return array
-    resample = Image.BILINEAR if name in IMAGE_INPUTS else Image.NEAREST
-    return np.asarray(Image.fromarray(array).resize((width, height), resample))
-
-
 def open_gate(args: argparse.Namespace, client: TritonModelClient) -> TritonModelClient | None:
     """A client of the garment classifier when the gate is on and the server has it, else None."""
     if not args.gate:
@@ -167,7 +164,7 @@ def main() -> None:
         if gate is not None:
             check_garments(gate, chunk, args.gate_threshold)
         if args.resize:
-            chunk = [(n, {k: _resize(k, a, height, width) for k, a in s.items()}) for n, s in chunk]
+            chunk = [(n, resize_inputs(s, height, width)) for n, s in chunk]
         batch = {name: np.stack([s[name] for _, s in chunk]) for name in chunk[0][1]}
         outputs = client.infer(batch)
         for (name, _), image in zip(chunk, outputs["tryon_image"], strict=True):

@@ -34,7 +34,17 @@ class InputSpec:
 class TritonModelClient:
     """One model on one Triton server."""
 
-    def __init__(self, url: str, model: str, protocol: str = "grpc", timeout: float = 600.0):
+    def __init__(
+        self,
+        url: str,
+        model: str,
+        protocol: str = "grpc",
+        timeout: float = 600.0,
+        connection: grpcclient.InferenceServerClient | httpclient.InferenceServerClient | None = None,
+    ):
+        """`connection`: an open tritonclient client of `protocol` to share (e.g. one gRPC channel for
+        every request of a web server; tritonclient's gRPC client is thread-safe); `close` leaves it
+        open. Without it, this object opens and owns its own."""
         if protocol not in PROTOCOLS:
             raise ClientError(f"unknown protocol {protocol!r}; choose grpc or http")
         self.model = model
@@ -42,8 +52,11 @@ class TritonModelClient:
         self.timeout = timeout
         module = grpcclient if protocol == "grpc" else httpclient
         self._module = module
+        self._owns_connection = connection is None
         try:
-            if protocol == "grpc":
+            if connection is not None:
+                self._client = connection
+            elif protocol == "grpc":
                 self._client = grpcclient.InferenceServerClient(url)
             else:
                 self._client = httpclient.InferenceServerClient(
@@ -126,7 +139,8 @@ class TritonModelClient:
         return {name: result.as_numpy(name) for name in self.outputs}
 
     def close(self) -> None:
-        self._client.close()
+        if self._owns_connection:
+            self._client.close()
 
 
 def _reason(exc: Exception) -> str:

@@ -18,6 +18,12 @@ What is sent follows the served model's inputs (read from its metadata):
   hair_transfer        the drawn sample portraits at the model's size, each with the next one's hair
   hair_edit            the drawn sample portraits with client/hair.py's sample direction, strengths
                        spread over [-3, 3]
+  web                  not a Triton model: people on the web app (`python -m web`; --host is its
+                       URL, default http://127.0.0.1:8080), each sending the pages' requests in turn
+                       (--web-pages): try-on with the catalogue's first pair, a hairstyle transfer and
+                       an edit of the drawn samples
+
+    locust -f tests/load.py --headless -u 8 -t 60s --model web --host http://127.0.0.1:8080
 
 Options (Locust's custom arguments, also shown in the web UI):
   --model NAME        ensemble to load (default tryon)
@@ -26,6 +32,7 @@ Options (Locust's custom arguments, also shown in the web UI):
   --dataroot DIR      VITON-HD-layout folder with <split>_pairs.txt (default: drawn inputs)
   --split NAME        sub-folder of DATAROOT (default test)
   --samples N         inputs held in memory and cycled through (default 10)
+  --web-pages LIST    with --model web: which pages' requests to send (default tryon,hair,edit)
 --host is the Triton address (host:port; an http:// or grpc:// prefix is dropped); without it the
 embedded default is used: 127.0.0.1:8000 for http, 127.0.0.1:8001 for grpc (as quickstart.sh starts it).
 """
@@ -44,7 +51,7 @@ import gevent
 import gevent.lock
 import gevent.monkey
 import numpy as np
-from locust import User, constant, events, task
+from locust import HttpUser, User, constant, events, task
 from locust.stats import CSV_STATS_INTERVAL_SEC
 from PIL import Image
 
@@ -70,6 +77,8 @@ TRYON_INPUTS = ("cloth", "cloth_mask", "agnostic", "densepose", "parse_agnostic"
 PHOTO_SIZE = (256, 192)  # drawn product photos (the classifier takes any size)
 PHOTO_CLASSES = 10
 LATENT_SEED = 1  # client/generate.py's default
+WEB_MODEL = "web"
+WEB_PAGES = ("tryon", "hair", "edit")
 
 
 @events.init_command_line_parser.add_listener
@@ -84,6 +93,19 @@ def _add_options(parser) -> None:
     group.add_argument("--dataroot", default="", help="VITON-HD-layout folder (default: drawn inputs)")
     group.add_argument("--split", default="test", help="sub-folder of --dataroot (default test)")
     group.add_argument("--samples", type=int, default=10, help="inputs held in memory (default 10)")
+    group.add_argument(
+        "--web-pages",
+        default=",".join(WEB_PAGES),
+        help=f"with --model {WEB_MODEL}: the pages whose requests to send (default {','.join(WEB_PAGES)})",
+    )
+
+
+@events.init.add_listener
+def _pick_user_class(environment, **_) -> None:
+    """`--model web` runs WebUser (people on the web app); any other model, TritonUser."""
+    options = environment.parsed_options
+    wanted = WebUser if options is not None and options.model == WEB_MODEL else TritonUser
+    environment.user_classes[:] = [wanted]
 
 
 def triton_address(host: str | None, protocol: str) -> str:
@@ -280,3 +302,47 @@ class TritonUser(User):
             # channel again, and that hangs when it first happens in the garbage collection at exit.
             self.client.close()
             self.client = None
+
+
+class WebUser(HttpUser):
+    """One closed-loop person on the web app (`--model web`): the pages' requests in turn, each reported
+    as `POST web /api/...`; a failure carries the app's message."""
+
+    host = "http://127.0.0.1:8080"  # python -m web's default; --host overrides it
+    wait_time = constant(0)
+    _ids = itertools.count(1)
+
+    def on_start(self) -> None:
+        self.user_id = next(self._ids)
+        self.completed = self.failed = 0
+        pages = [page for page in self.environment.parsed_options.web_pages.split(",") if page]
+        config = self.client.get("/api/config", name="web /api/config").json()
+        portrait, reference = config["hair_samples"][:2]
+        forms = {
+            "tryon": ("/api/tryon", {"person": config["persons"][0], "garment": config["garments"][0]}),
+            "hair": ("/api/hair/transfer", {"portrait_sample": portrait, "reference_sample": reference}),
+            "edit": (
+                "/api/hair/edit",
+                {"portrait_sample": portrait, "direction": "sample", "strength": "1.5"},
+            ),
+        }
+        self.requests = itertools.islice(itertools.cycle([forms[page] for page in pages]), self.user_id, None)
+
+    @task
+    def send(self) -> None:
+        path, form = next(self.requests)
+        fields = {name: (None, value) for name, value in form.items()}
+        with self.client.post(path, files=fields, name=f"web {path}", catch_response=True) as response:
+            if response.status_code == 200 and response.headers.get("content-type") == "image/png":
+                self.completed += 1
+                response.success()
+            else:
+                self.failed += 1
+                try:
+                    message = response.json()["error"]
+                except ValueError:
+                    message = response.text[:200]
+                response.failure(f"{response.status_code}: {message}")
+
+    def on_stop(self) -> None:
+        logger.info("user %d: %d requests completed, %d failed", self.user_id, self.completed, self.failed)

@@ -225,6 +225,34 @@ def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str
         }  # fmt: skip
         if len(mounts) != 1 or flag(sync, folder) not in mounts:
             problems.append(f"sync's --{folder} is not where the {volume} volume is mounted ({sync_volumes})")
+    return problems + compose_web_problems(services)
+
+
+def compose_web_problems(services: dict) -> list[str]:
+    """The web app talks to Triton's gRPC port, reads the sync state where sync writes it (read-only),
+    and its port, published port and healthcheck agree."""
+    web = services.get("web", {})
+    command = web.get("command", [])
+    problems = (
+        [] if command[:3] == ["python", "-m", "web"] else ["the web service does not run python -m web"]
+    )
+    if flag(command, "triton") != f"triton:{TRITON_PORTS['grpc']}":
+        problems.append(f"web talks to Triton at {flag(command, 'triton')}, not its gRPC port")
+    if "triton" not in web.get("depends_on", {}):
+        problems.append("web does not wait for triton")
+    mounts = {v.split(":")[1]: v for v in web.get("volumes", []) if v.split(":")[0] == "models"}
+    sync_repository = flag(services.get("sync", {}).get("command", []), "repository")
+    if flag(command, "repository") not in mounts or flag(command, "repository") != sync_repository:
+        problems.append("web's --repository is not the models volume sync writes")
+    elif not mounts[flag(command, "repository")].endswith(":ro"):
+        problems.append("web mounts the models volume writable")
+    if flag(command, "mlflow-uri") != "http://mlflow:5000":
+        problems.append(f"web reads MLflow at {flag(command, 'mlflow-uri')}")
+    port = flag(command, "port")
+    if not any(p.endswith(f":{port}") for p in web.get("ports", [])):
+        problems.append(f"web listens on {port}, which is not published")
+    if f"127.0.0.1:{port}/healthz" not in " ".join(web.get("healthcheck", {}).get("test", [])):
+        problems.append("the web healthcheck does not ask /healthz on its port")
     return problems
 
 
@@ -351,6 +379,16 @@ BROKEN_COMPOSE = {
         "sync does not talk to Triton's HTTP",
     ),
     "unknown model": (("--model=tryon", "--model=tryon_v2"), "sync serves tryon_v2"),
+    "web on Triton's HTTP port": (("--triton=triton:8001", "--triton=triton:8000"), "not its gRPC port"),
+    "web reads another folder": (
+        ("--repository=/models\n      - --mlflow-uri", "--repository=/srv\n      - --mlflow-uri"),
+        "web's --repository is not the models volume",
+    ),
+    "web may write the models": (
+        ("- models:/models:ro", "- models:/models"),
+        "mounts the models volume writable",
+    ),
+    "web port not published": (("${WEB_PORT:-8080}:8080", "${WEB_PORT:-8080}:8081"), "web listens on 8080"),
     "plans elsewhere": (
         ("--plans=/plans\n      - --repository", "--plans=/cache\n      - --repository"),
         "sync's --plans",
@@ -544,6 +582,10 @@ def k8s_problems(docs: list[dict]) -> list[str]:
         problems.append(f"the triton Services expose {served}, not HTTP, gRPC and metrics")
 
     problems += k8s_isolation_problems(docs)
+    return problems
+
+
+    problems += k8s_web_problems(docs, services, served)
 
     hpa = next((d for d in docs if d["kind"] == "HorizontalPodAutoscaler"), {})
     if hpa.get("apiVersion") != "autoscaling/v2":
@@ -557,6 +599,7 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
+<<<<<<< HEAD
 def _matches(selector: dict, labels: dict[str, str]) -> bool:
     """A label selector (matchLabels only: the policies here use nothing else) against labels."""
     if set(selector) - {"matchLabels"}:
@@ -656,6 +699,34 @@ def k8s_isolation_problems(docs: list[dict]) -> list[str]:
         problems.append(f"the sync sidecar does not get the admin key from the Secret as {ADMIN_KEY_ENV}")
     if spec.get("terminationGracePeriodSeconds", 30) < MIN_SYNC_GRACE_S:
         problems.append(f"the triton pod's grace period is under {MIN_SYNC_GRACE_S} s: sync cannot roll back")
+=======
+def k8s_web_problems(docs: list[dict], services: dict, triton_ports: dict) -> list[str]:
+    """The web Deployment talks to the triton Service's gRPC port; its Service and probes reach it."""
+    spec = find(docs, "Deployment", "web").get("spec", {}).get("template", {}).get("spec", {})
+    web = next((c for c in spec.get("containers", []) if c["name"] == "web"), {})
+    command = web.get("command", [])
+    problems = (
+        [] if command[:3] == ["python", "-m", "web"] else ["the web Deployment does not run python -m web"]
+    )
+    host, _, port = (flag(command, "triton") or "").partition(":")
+    if host != "triton" or triton_ports.get(int(port or 0)) != "grpc":
+        problems.append(
+            f"web talks to Triton at {flag(command, 'triton')}, not the triton Service's gRPC port"
+        )
+    ports = {p["name"]: p["containerPort"] for p in web.get("ports", [])}
+    if ports.get("http") != int(flag(command, "port") or 0) or flag(command, "host") != "0.0.0.0":
+        problems.append(
+            f"web listens on {flag(command, 'host')}:{flag(command, 'port')}, not its port {ports}"
+        )
+    for probe in ("readinessProbe", "livenessProbe"):
+        if web.get(probe, {}).get("httpGet") != {"path": "/healthz", "port": "http"}:
+            problems.append(f"web {probe} does not ask /healthz on its port")
+    service = services.get("web", {}).get("spec", {})
+    if [p["targetPort"] for p in service.get("ports", [])] != ["http"] or service.get("selector") != {
+        "app.kubernetes.io/name": "web"
+    }:
+        problems.append("the web Service does not reach the web pods' port")
+>>>>>>> webapp
     return problems
 
 
@@ -800,6 +871,18 @@ BROKEN_K8S = {
         ),
         "queue-time metric",
     ),
+    "web on Triton's HTTP port": (
+        lambda d: _container(d, "Deployment", "web", "web")["command"].append("--triton=triton:8000"),
+        "not the triton Service's gRPC port",
+    ),
+    "web Service on another port": (
+        lambda d: find(d, "Service", "web")["spec"]["ports"][0].update(targetPort=9000),
+        "the web Service does not reach",
+    ),
+    "web without limits": (
+        lambda d: _container(d, "Deployment", "web", "web").pop("resources"),
+        "has no limits",
+    ),
     "gRPC Service on the HTTP port": (
         lambda d: find(d, "Service", "triton")["spec"]["ports"][1].update(targetPort="http"),
         "the triton Services expose",
@@ -931,6 +1014,26 @@ def test_the_stack_commands_are_accepted_by_the_clis(source, env_example):
         ), name
     result = run_cli(*commands["plan-builder"], "--version", "3", timeout=120)
     assert result.returncode == 2 and "error: TensorRT is not installed" in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("source", ["compose", "k8s"])
+def test_the_web_command_is_accepted(source, env_example):
+    """Every argument parses: the app stops at the first check after parsing (a --dataroot that is not
+    there), where an unknown argument would have stopped argparse first."""
+    if source == "compose":
+        values = {**env_example, "POSTGRES_PASSWORD": "x", "MINIO_ROOT_PASSWORD": "x"}
+        command = load_compose(COMPOSE_FILE.read_text(), values)["services"]["web"]["command"]
+    else:
+        docs = render("production")
+        web = _container(docs, "Deployment", "web", "web")
+        settings = find(docs, "ConfigMap", "fashionserve-settings")["data"]
+        env = {e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]] for e in web["env"]}
+        command = [expand_k8s_variables(arg, env) for arg in web["command"]]
+    result = run_cli(*command[1:], "--dataroot=/nonexistent", timeout=120)
+    assert (result.returncode, result.stderr.splitlines()) == (
+        2,
+        ["error: --dataroot /nonexistent is not a folder"],
+    )
 
 
 def test_sync_takes_plans_only_on_the_gpu_target():

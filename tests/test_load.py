@@ -27,6 +27,7 @@ from fashionserve.launcher import TritonServer
 from fashionserve.repository import render_repository
 from tests.conftest import PROJECT_ROOT
 from tests.test_hair_pipeline import CONFIG as HAIR_CONFIG
+from tests.test_web import running_web
 
 LOCUSTFILE = PROJECT_ROOT / "tests" / "load.py"
 USERS = 2
@@ -143,3 +144,11 @@ def test_unknown_model_is_one_failure_per_user_with_the_reason(tmp_path: Path, t
     assert [(f["Name"], f["Occurrences"]) for f in failures] == [("setup", str(USERS))]
     assert "model 'no_such_model'" in failures[0]["Error"]
     assert "Traceback" not in result.stderr
+
+
+def test_web_headless_run_has_no_failures(tmp_path: Path, tryon_server, samples_dir: Path) -> None:
+    """People on the web app's try-on page (`--model web`), through python -m web to the same Triton."""
+    log = tmp_path / "web.log"
+    with running_web(log, "--triton", tryon_server.grpc_url, "--dataroot", str(samples_dir)) as url:
+        result = run_locust(tmp_path, url, "--model", "web", "--web-pages", "tryon")
+    assert_clean_run(result, tmp_path, "POST", "web /api/tryon")

@@ -12,6 +12,7 @@ from fashionserve.tryon.agnostic import agnostic_person_image
 from fashionserve.tryon.labels import NUM_CIHP_LABELS
 
 PAIRS_FILE = "{split}_pairs.txt"
+IMAGE_INPUTS = ("cloth", "agnostic", "densepose")  # resized bilinear; the others are masks/labels (nearest)
 
 
 class DatasetError(Exception):
@@ -131,10 +132,22 @@ def load_tryon_files(files: dict[str, Path], agnostic: Path | None = None) -> di
     """The try-on server's inputs from explicit files, all uint8 at the person image's size (H, W).
 
     `files` has the keys of person_files and cloth_files (the pose image is not needed).
-    Returns cloth (H,W,3), cloth_mask (H,W) raw mask values, agnostic (H,W,3) (drawn from image,
-    parse map and keypoints unless a ready agnostic image is given), densepose (H,W,3) and
-    parse_agnostic (H,W) CIHP labels. Files are not resized: sizes must already agree.
+    Returns cloth (H,W,3), cloth_mask (H,W) raw mask values, and the person's inputs (see
+    load_person_files). Files are not resized: sizes must already agree.
     """
+    person = load_person_files(files, agnostic)
+    size = person["agnostic"].shape[:2]
+    return {
+        "cloth": _pixels("cloth image", files["cloth image"], "RGB", size),
+        "cloth_mask": _pixels("cloth mask", files["cloth mask"], "L", size),
+        **person,
+    }
+
+
+def load_person_files(files: dict[str, Path], agnostic: Path | None = None) -> dict[str, np.ndarray]:
+    """The person's half of the try-on inputs, uint8 at the person image's size (H, W): agnostic (H,W,3)
+    (drawn from image, parse map and keypoints unless a ready agnostic image is given), densepose
+    (H,W,3) and parse_agnostic (H,W) CIHP labels. `files` has the keys of person_files."""
     image = np.array(_open("person image", files["person image"]).convert("RGB"))
     size = image.shape[:2]
     if agnostic is None:
@@ -143,9 +156,19 @@ def load_tryon_files(files: dict[str, Path], agnostic: Path | None = None) -> di
     else:
         agnostic_image = _pixels("agnostic image", agnostic, "RGB", size)
     return {
-        "cloth": _pixels("cloth image", files["cloth image"], "RGB", size),
-        "cloth_mask": _pixels("cloth mask", files["cloth mask"], "L", size),
         "agnostic": agnostic_image,
         "densepose": _pixels("densepose image", files["densepose image"], "RGB", size),
         "parse_agnostic": _labels("parse-agnostic map", files["parse-agnostic map"], size),
     }
+
+
+def resize_inputs(inputs: dict[str, np.ndarray], height: int, width: int) -> dict[str, np.ndarray]:
+    """The try-on inputs of one pair scaled to height x width: images bilinear, masks and label maps
+    nearest (a label must stay a label)."""
+    resized = {}
+    for name, array in inputs.items():
+        if array.shape[:2] != (height, width):
+            resample = Image.BILINEAR if name in IMAGE_INPUTS else Image.NEAREST
+            array = np.asarray(Image.fromarray(array).resize((width, height), resample))
+        resized[name] = array
+    return resized

@@ -1,0 +1,570 @@
+"""The web app (`python -m web`) against the embedded Triton serving the small try-on and hair bundles,
+registered, promoted and synced from a real MLflow server: its API over HTTP, its privacy and
+concurrency guarantees in process, and the three pages in a real headless Chromium.
+
+Set WEB_SCREENSHOTS=docs to save a screenshot of each page as docs/web_<page>.png."""
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.grpc as grpcclient
+from PIL import Image
+from scipy import ndimage
+from skimage.data import astronaut
+
+from fashionserve import registry
+from fashionserve.client import TritonModelClient
+from fashionserve.hair.alignment import FaceAligner, paste_into_photo
+from fashionserve.hair.bundle import export_bundle as export_hair_bundle
+from fashionserve.hair.bundle import load_networks as load_hair_networks
+from fashionserve.hair.samples import sample_direction, sample_portraits
+from fashionserve.launcher import TritonServer
+from fashionserve.mlflow_server import MlflowServer
+from fashionserve.processes import free_ports, wait_until
+from fashionserve.sync import sync_once
+from fashionserve.tryon.dataset import load_tryon_inputs, read_pairs
+from tests.conftest import PROJECT_ROOT, TEST_CONFIG
+from tests.test_hair_pipeline import CONFIG as HAIR_CONFIG
+from tests.test_hair_pipeline import write_checkpoints
+from web import app as web_app
+from web.app import Settings, create_app, garment_from_photo
+
+HAIR_SIZE = HAIR_CONFIG.image_size
+SCREENSHOTS = os.environ.get("WEB_SCREENSHOTS")
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stack: MLflow -> sync -> Triton (explicit model control) <- web app
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory, tryon_bundle):
+    """Triton serving `tryon` and `hair` (transfer, edit) as version 1 of each registered model, synced
+    from MLflow, as the quick start serves them. Yields (triton, mlflow url)."""
+    root = tmp_path_factory.mktemp("web-stack")
+    checkpoints = write_checkpoints(root / "checkpoints", seed=1)  # parsers that find hair
+    hair, provenance = load_hair_networks(HAIR_CONFIG, *checkpoints, None, seed=0)
+    export_hair_bundle(hair, provenance, root / "hair", log=lambda _: None)
+    with (
+        MlflowServer(root=root / "mlflow") as mlflow_server,
+        TritonServer(repository=tmp_path_factory.mktemp("served"), model_control="explicit") as triton,
+    ):
+        client = registry.connect(mlflow_server.url)
+        for name, bundle in (("tryon", tryon_bundle[0]), ("hair", root / "hair")):
+            version = registry.register_bundle(client, bundle, log=lambda _: None)
+            registry.promote(client, name, version.version)
+            sync_once(client, name, triton.repository, triton.http_url, log=lambda _: None)
+        yield triton, mlflow_server.url
+
+
+@contextlib.contextmanager
+def running_web(log: Path, *options: str) -> Iterator[str]:
+    """`python -m web OPTIONS` as a user starts it, on a free port; yields its base URL. Its output goes
+    to `log`, which must hold no traceback at the end (every failure was an expected one)."""
+    (port,) = free_ports(1)
+    with log.open("w") as output:
+        command = [sys.executable, "-m", "web", *options, "--port", str(port)]
+        process = subprocess.Popen(command, cwd=PROJECT_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/healthz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return process.poll() is not None
+
+    try:
+        assert wait_until(up, 90) and process.poll() is None, log.read_text()
+        yield url
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    assert "Traceback" not in log.read_text(), log.read_text()
+
+
+@pytest.fixture(scope="module")
+def web(stack, samples_dir, tmp_path_factory):
+    triton, mlflow_url = stack
+    log = tmp_path_factory.mktemp("web") / "web.log"
+    with running_web(
+        log, "--triton", triton.grpc_url, "--dataroot", str(samples_dir), "--repository",
+        str(triton.repository), "--mlflow-uri", mlflow_url,
+    ) as url:  # fmt: skip
+        yield url
+
+
+def png_bytes(image: np.ndarray | Image.Image, format: str = "PNG") -> bytes:
+    buffer = io.BytesIO()
+    (image if isinstance(image, Image.Image) else Image.fromarray(image)).save(buffer, format=format)
+    return buffer.getvalue()
+
+
+def decode(response: httpx.Response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    assert response.headers["cache-control"] == "no-store"
+    return np.asarray(Image.open(io.BytesIO(response.content)))
+
+
+def direct(triton: TritonServer, model: str, inputs: dict[str, np.ndarray], output: str) -> np.ndarray:
+    """The same request sent straight to Triton."""
+    client = TritonModelClient(triton.grpc_url, model)
+    try:
+        return client.infer({name: array[None] for name, array in inputs.items()})[output][0]
+    finally:
+        client.close()
+
+
+def drawn_garment(height: int = 300, width: int = 240) -> np.ndarray:
+    """A red T-shirt-like block on a white background, as a phone photo of a garment would be."""
+    photo = np.full((height, width, 3), 250, np.uint8)
+    photo[60:260, 50:190] = (200, 30, 40)
+    photo[60:110, 20:220] = (200, 30, 40)  # sleeves
+    return photo
+
+
+def truncated(data: bytes) -> bytes:
+    """The first two thirds of a file: the header reads, the pixels end early (an interrupted upload)."""
+    return data[: len(data) * 2 // 3]
+
+
+def bomb_png(side: int) -> bytes:
+    """A real decompression bomb: a side x side grayscale PNG of zeros, a few hundred KB on the wire."""
+    row = b"\x00" + bytes(side)  # filter byte + pixels
+    compressor = zlib.compressobj(9)
+    data = b"".join(compressor.compress(row) for _ in range(side)) + compressor.flush()
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+    header = side.to_bytes(4, "big") * 2 + bytes([8, 0, 0, 0, 0])
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+
+
+# ---------------------------------------------------------------------------------------------------
+# API over HTTP
+
+
+def test_config_lists_the_catalogue_and_status_names_the_synced_versions(web, samples_dir):
+    config = httpx.get(f"{web}/api/config").json()
+    assert config["persons"] == sorted(p.name for p in (samples_dir / "test" / "image").iterdir())
+    assert config["garments"] == sorted(p.name for p in (samples_dir / "test" / "cloth").iterdir())
+    assert config["directions"] == ["sample"] and len(config["hair_samples"]) == 3
+    status = httpx.get(f"{web}/api/status").json()
+    assert status["reachable"] and status["ready"]
+    by_name = {e["name"]: e for e in status["ensembles"]}
+    assert set(by_name) == {"tryon", "hair_transfer", "hair_edit"}
+    for ensemble in by_name.values():
+        assert ensemble["ready"] and ensemble["triton_version"] == 1
+        assert ensemble["registered_version"] == ensemble["production_version"] == "1"
+    # the try-on bundle has random weights; the hair one was exported from (small) checkpoints
+    assert by_name["tryon"]["random_init"] is True and by_name["hair_edit"]["random_init"] is False
+    thumbnail = httpx.get(f"{web}/api/catalogue/person/{config['persons'][0]}")
+    assert thumbnail.headers["content-type"] == "image/jpeg"
+    assert Image.open(io.BytesIO(thumbnail.content)).size[1] <= web_app.THUMBNAIL_HEIGHT
+
+
+def test_tryon_from_the_catalogue_equals_triton(web, stack, samples_dir):
+    person, cloth = read_pairs(samples_dir / "test_pairs.txt")[0]
+    result = decode(
+        httpx.post(f"{web}/api/tryon", files={"person": (None, person), "garment": (None, cloth)})
+    )
+    expected = direct(stack[0], "tryon", load_tryon_inputs(samples_dir, person, cloth), "tryon_image")
+    assert result.shape == (TEST_CONFIG.height, TEST_CONFIG.width, 3)
+    np.testing.assert_array_equal(result, expected)
+
+
+def test_tryon_with_an_uploaded_garment_photo(web, stack, samples_dir):
+    person = read_pairs(samples_dir / "test_pairs.txt")[0][0]
+    photo = drawn_garment()
+    files = {"person": (None, person), "garment_photo": ("shirt.jpg", png_bytes(photo), "image/jpeg")}
+    result = decode(httpx.post(f"{web}/api/tryon", files=files))
+    cloth, mask = garment_from_photo(photo, TEST_CONFIG.height, TEST_CONFIG.width)
+    inputs = load_tryon_inputs(samples_dir, person, read_pairs(samples_dir / "test_pairs.txt")[0][1])
+    inputs |= {"cloth": cloth, "cloth_mask": mask}
+    np.testing.assert_array_equal(result, direct(stack[0], "tryon", inputs, "tryon_image"))
+
+
+def test_garment_photo_becomes_a_cloth_image_and_mask():
+    """300x240 scales by 0.8 to 240x192 and is centred in 256x192 (8 rows of padding above)."""
+    cloth, mask = garment_from_photo(drawn_garment(300, 240), 256, 192)
+    assert cloth.shape == (256, 192, 3) and mask.shape == (256, 192) and set(np.unique(mask)) == {0, 255}
+    expected = np.zeros((256, 192), bool)
+    expected[8 + 48 : 8 + 208, 40:152] = expected[8 + 48 : 8 + 88, 16:176] = True
+    found = mask == 255
+    assert (found & expected).sum() / (found | expected).sum() > 0.95
+    far = ~ndimage.binary_dilation(expected, iterations=3)
+    assert (cloth[far] == 250).all()  # padding and background: the photo's border colour
+    assert (
+        np.abs(cloth[ndimage.binary_erosion(expected, iterations=3)].astype(int) - (200, 30, 40)) < 3
+    ).all()
+
+
+def test_hair_transfer_and_edit_equal_triton(web, stack):
+    names = list(sample_portraits(HAIR_SIZE))
+    samples = sample_portraits(HAIR_SIZE)
+    form = {"portrait_sample": (None, names[0]), "reference_sample": (None, names[1])}
+    transfer = decode(httpx.post(f"{web}/api/hair/transfer", files=form))
+    expected = direct(
+        stack[0],
+        "hair_transfer",
+        {"portrait": samples[names[0]], "reference": samples[names[1]]},
+        "hair_image",
+    )
+    np.testing.assert_array_equal(transfer, expected)
+    assert not np.array_equal(transfer, samples[names[0]])  # the small parser finds hair: something moved
+
+    big = np.asarray(Image.fromarray(samples[names[2]]).resize((256, 256)))  # any square size is scaled
+    form = {
+        "portrait": ("me.png", png_bytes(big), "image/png"),
+        "direction": (None, "sample"),
+        "strength": (None, "2.5"),
+    }
+    edited = decode(httpx.post(f"{web}/api/hair/edit", files=form))
+    n_latent, style_dim = HAIR_CONFIG.n_latent, HAIR_CONFIG.style_dim
+    inputs = {
+        "portrait": np.asarray(Image.fromarray(big).resize((HAIR_SIZE, HAIR_SIZE), Image.LANCZOS)),
+        "direction": np.repeat(sample_direction(style_dim)[None], n_latent, axis=0),
+        "strength": np.array([2.5], np.float32),
+    }
+    np.testing.assert_array_equal(edited, direct(stack[0], "hair_edit", inputs, "hair_image"))
+
+
+def test_a_photo_is_aligned_and_the_result_pasted_back(web, stack):
+    """Any photo (here a non-square one with a real face): the face's FFHQ crop goes to the server and
+    the result comes back as the whole photo, changed only where the server changed the crop."""
+    photo = astronaut()[:, 40:460]
+    form = {"portrait": ("me.jpg", png_bytes(photo), "image/png"), "strength": (None, "3")}
+    result = decode(httpx.post(f"{web}/api/hair/edit", files=form, timeout=120))
+    assert result.shape == photo.shape
+    aligned = FaceAligner().align(photo, HAIR_SIZE, "astronaut")
+    n_latent, style_dim = HAIR_CONFIG.n_latent, HAIR_CONFIG.style_dim
+    inputs = {
+        "portrait": aligned.crop,
+        "direction": np.repeat(sample_direction(style_dim)[None], n_latent, axis=0),
+        "strength": np.array([3.0], np.float32),
+    }
+    served = direct(stack[0], "hair_edit", inputs, "hair_image")
+    np.testing.assert_array_equal(result, paste_into_photo(photo, aligned.alignment, aligned.crop, served))
+    assert not np.array_equal(result, photo) and (result == photo).all(axis=-1).mean() > 0.5
+
+
+BAD_REQUESTS = {
+    "not an image": (
+        "/api/hair/transfer",
+        {
+            "portrait": ("me.png", b"this is a text file, not a photo", "image/png"),
+            "reference_sample": (None, "long_blond"),
+        },
+        415,
+        "is not a JPEG, PNG or WebP image",
+    ),
+    "decompression bomb": (
+        "/api/tryon",
+        {"person": (None, "PERSON"), "garment_photo": ("g.png", "BOMB", "image/png")},
+        413,
+        "is 7000x7000 pixels; the limit is 40 megapixels",
+    ),
+    "truncated image": (
+        "/api/hair/edit",
+        {"portrait": ("me.jpg", "TRUNCATED", "image/jpeg")},
+        400,
+        "could not be decoded",
+    ),
+    "no face and not square": (
+        "/api/hair/edit",
+        {"portrait": ("me.png", png_bytes(np.zeros((80, 64, 3), np.uint8)), "image/png")},
+        400,
+        "No face found in the photo: upload a photo where the face is clearly visible",
+    ),
+    "too large": (
+        "/api/hair/edit",
+        {"portrait": ("me.png", bytes(13 * 2**20), "image/png")},
+        413,
+        "The upload is larger than 12 MB",
+    ),
+    "unknown person": (
+        "/api/tryon",
+        {"person": (None, "../../etc/passwd"), "garment": (None, "x.jpg")},
+        404,
+        "No person named '../../etc/passwd'",
+    ),
+    "strength out of range": (
+        "/api/hair/edit",
+        {"portrait_sample": (None, "long_blond"), "strength": (None, "9")},
+        400,
+        "The strength must be between -5 and 5",
+    ),
+    "no garment": (
+        "/api/tryon",
+        {"person": (None, "PERSON")},
+        400,
+        "Pick a garment or upload a garment photo",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS, ids=list(BAD_REQUESTS))
+def test_bad_requests_get_a_readable_message(web, samples_dir, case):
+    path, files, status, message = BAD_REQUESTS[case]
+    person = read_pairs(samples_dir / "test_pairs.txt")[0][0]
+    made = {
+        "PERSON": lambda: person,
+        "BOMB": lambda: bomb_png(7000),
+        "TRUNCATED": lambda: truncated(png_bytes(sample_portraits(256)["short_black"], "JPEG")),
+    }
+    files = {k: (n, made[v]() if v in made else v, *t) for k, (n, v, *t) in files.items()}
+    response = httpx.post(f"{web}{path}", files=files, timeout=60)
+    assert (response.status_code, response.headers["content-type"]) == (status, "application/json")
+    assert message in response.json()["error"], response.json()
+    assert httpx.get(f"{web}/api/status").json()["ready"]  # and the app keeps serving
+
+
+# ---------------------------------------------------------------------------------------------------
+# In process: server down, privacy, concurrency
+
+
+def asgi_client(settings: Settings) -> httpx.AsyncClient:
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://web")
+
+
+def test_server_down_is_a_readable_message(samples_dir):
+    (port,) = free_ports(1)  # nothing listens there
+
+    async def scenario():
+        async with asgi_client(Settings(triton_url=f"127.0.0.1:{port}", dataroot=samples_dir)) as client:
+            status = (await client.get("/api/status")).json()
+            form = {"portrait_sample": (None, "long_blond"), "reference_sample": (None, "bangs_red")}
+            return status, await client.post("/api/hair/transfer", files=form)
+
+    status, response = asyncio.run(scenario())
+    assert status == {"triton_url": f"127.0.0.1:{port}", "reachable": False, "ready": False, "ensembles": []}
+    assert response.status_code == 503
+    assert response.json()["error"].startswith(
+        f"The model server is not reachable (Triton at 127.0.0.1:{port})"
+    )
+
+
+def test_uploads_never_touch_the_disk_or_the_log(stack, samples_dir, caplog):
+    """An audit hook sees every file opened while uploads of 5 MB (above Starlette's 1 MB spool
+    threshold) are handled: none is opened for writing. The log names no file and holds no pixel."""
+    opened: list[str] = []
+    recording = [False]
+
+    def audit(event: str, args: tuple) -> None:
+        if recording[0] and event == "open" and isinstance(args[1], str) and set(args[1]) & set("wax+"):
+            opened.append(f"{args[0]} ({args[1]})")
+        if recording[0] and event in ("os.open", "tempfile.mkstemp", "tempfile.mkdtemp"):
+            opened.append(f"{event} {args[:1]}")
+
+    sys.addaudithook(audit)
+    portrait = np.random.default_rng(0).integers(0, 256, (1300, 1300, 3), dtype=np.uint8)  # ~5 MB as PNG
+    upload = png_bytes(portrait)
+    assert len(upload) > 4 * 2**20
+    form = {
+        "portrait": ("private-name-4711.png", upload, "image/png"),
+        "reference_sample": (None, "short_black"),
+    }
+
+    async def scenario():
+        async with asgi_client(Settings(triton_url=stack[0].grpc_url, dataroot=samples_dir)) as client:
+            recording[0] = True
+            try:
+                return await client.post("/api/hair/transfer", files=form)
+            finally:
+                recording[0] = False
+
+    with caplog.at_level(logging.DEBUG):
+        response = asyncio.run(scenario())
+    assert response.status_code == 200, response.text
+    assert opened == []
+    assert "private-name-4711" not in caplog.text and "hair_transfer:" in caplog.text
+
+
+def test_one_slow_request_does_not_hold_up_the_others(stack, samples_dir, monkeypatch):
+    """Three try-ons whose inference is held for 1.5 s each are held at the same time (a worker thread
+    each), and the status answers while they are."""
+    infer = web_app.Models.infer
+    held: list[tuple[float, float]] = []
+
+    def slow(client, inputs, output):
+        started = time.monotonic()
+        time.sleep(1.5)
+        held.append((started, time.monotonic()))
+        return infer(client, inputs, output)
+
+    monkeypatch.setattr(web_app.Models, "infer", staticmethod(slow))
+    person, cloth = read_pairs(samples_dir / "test_pairs.txt")[0]
+    form = {"person": (None, person), "garment": (None, cloth)}
+
+    async def scenario():
+        async with asgi_client(Settings(triton_url=stack[0].grpc_url, dataroot=samples_dir)) as client:
+            tryons = [asyncio.create_task(client.post("/api/tryon", files=form)) for _ in range(3)]
+            await asyncio.sleep(0.5)
+            status = await client.get("/api/status")
+            answered = time.monotonic()
+            return status, answered, await asyncio.gather(*tryons)
+
+    status, answered, responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * 3 and status.json()["ready"]
+    assert len(held) == 3
+    first_end = min(end for _, end in held)
+    assert max(start for start, _ in held) < first_end, held  # all three held at once
+    assert answered < first_end, (answered, held)
+
+
+# ---------------------------------------------------------------------------------------------------
+# The pages in a real browser
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for binary in ("/usr/bin/chromium", "/usr/bin/chromedriver"):
+        if not Path(binary).exists():
+            pytest.fail(f"{binary} is missing: apt-get install chromium chromium-driver (.ci/run does)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for argument in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000"):
+        options.add_argument(argument)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def wait_for(driver, condition, timeout: float = 60.0):
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    return WebDriverWait(driver, timeout).until(lambda d: condition(d))
+
+
+def result_shown(section: str):
+    def shown(driver) -> bool:
+        return driver.execute_script(
+            f"const img = document.querySelector('#{section} img.result');"
+            "return img.complete && img.naturalWidth > 0 && img.src.startsWith('blob:');"
+        )
+
+    return shown
+
+
+def error_text(driver, section: str) -> str:
+    return driver.execute_script(
+        f"const box = document.querySelector('#{section} .error'); return box.hidden ? '' : box.textContent;"
+    )
+
+
+def screenshot(driver, page: str) -> None:
+    if SCREENSHOTS:
+        driver.save_screenshot(str(PROJECT_ROOT / SCREENSHOTS / f"web_{page}.png"))
+
+
+def test_tryon_page(browser, web, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{web}/tryon")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#garments .choice img")) == 2)
+    wait_for(
+        browser,
+        lambda d: "tryon v1 (production), random-init weights" in d.find_element(By.ID, "status").text,
+    )
+    browser.find_elements(By.CSS_SELECTOR, "#garments .choice")[1].click()
+    browser.find_element(By.ID, "tryon-submit").click()
+    wait_for(browser, result_shown("tryon"))
+    assert error_text(browser, "tryon") == ""
+    screenshot(browser, "tryon")
+
+    photo = tmp_path / "garment.jpg"
+    Image.fromarray(drawn_garment()).save(photo)
+    browser.find_element(By.ID, "garment-photo").send_keys(str(photo))
+    browser.find_element(By.ID, "tryon-submit").click()
+    wait_for(browser, result_shown("tryon"))
+
+    bad = tmp_path / "holiday.jpg"
+    bad.write_text("not a photo at all")
+    browser.find_element(By.ID, "garment-photo").send_keys(str(bad))
+    browser.find_element(By.ID, "tryon-submit").click()
+    wait_for(browser, lambda d: error_text(d, "tryon") != "")
+    assert "not a JPEG, PNG or WebP image" in error_text(browser, "tryon")
+    assert not result_shown("tryon")(browser)
+
+
+def test_hair_page(browser, web, tmp_path):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{web}/hair")
+    wait_for(
+        browser,
+        lambda d: (
+            len(d.find_elements(By.CSS_SELECTOR, '#hair .samples[data-field="reference"] .choice')) == 3
+        ),
+    )
+    browser.find_elements(By.CSS_SELECTOR, '#hair .samples[data-field="reference"] .choice')[2].click()
+    browser.find_element(By.CSS_SELECTOR, "#hair button[type=submit]").click()
+    wait_for(browser, result_shown("hair"))
+    wait_for(browser, lambda d: "hairstyle: hair v1" in d.find_element(By.ID, "status").text)
+    screenshot(browser, "hair")
+
+    portrait = tmp_path / "me.png"
+    Image.fromarray(sample_portraits(200)["bangs_red"]).save(portrait)
+    browser.find_element(By.CSS_SELECTOR, '#hair input[name="portrait"]').send_keys(str(portrait))
+    browser.find_element(By.CSS_SELECTOR, "#hair button[type=submit]").click()
+    wait_for(browser, result_shown("hair"))
+    assert error_text(browser, "hair") == ""
+
+
+def test_edit_page(browser, web):
+    from selenium.webdriver.common.by import By
+
+    browser.get(f"{web}/edit")
+    wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#direction option")) == 1)
+    slider = browser.find_element(By.ID, "strength")
+    browser.execute_script(
+        "arguments[0].value = '-2.4'; arguments[0].dispatchEvent(new Event('input'));", slider
+    )
+    assert browser.find_element(By.ID, "strength-value").text == "-2.4"
+    browser.find_element(By.CSS_SELECTOR, "#edit button[type=submit]").click()
+    wait_for(browser, result_shown("edit"))
+    wait_for(browser, lambda d: "Model server ready" in d.find_element(By.ID, "status").text)
+    screenshot(browser, "edit")
+
+
+def test_a_model_that_is_not_loaded_is_named(browser, web, stack):
+    """Last: unloads hair_edit for a moment (and loads it back)."""
+    from selenium.webdriver.common.by import By
+
+    triton = grpcclient.InferenceServerClient(stack[0].grpc_url)
+    triton.unload_model("hair_edit")
+    try:
+        assert wait_until(lambda: not triton.is_model_ready("hair_edit"), 30)
+        browser.get(f"{web}/edit")
+        wait_for(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#edit .samples .choice")) == 3)
+        browser.find_element(By.CSS_SELECTOR, "#edit button[type=submit]").click()
+        wait_for(browser, lambda d: error_text(d, "edit") != "")
+        assert (
+            error_text(browser, "edit")
+            == "The hair edit model (hair_edit) is not loaded on the server right now."
+        )
+        wait_for(browser, lambda d: "edit: not loaded" in d.find_element(By.ID, "status").text, timeout=20)
+    finally:
+        triton.load_model("hair_edit")
+        triton.close()
+    status = json.loads(httpx.get(f"{web}/api/status").text)
+    assert {e["name"]: e["ready"] for e in status["ensembles"]}["hair_edit"]

@@ -1,0 +1,1 @@
+"""The fashionserve web app (FastAPI): try-on and hairstyles in the browser; `python -m web --help`."""
