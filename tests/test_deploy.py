@@ -582,9 +582,6 @@ def k8s_problems(docs: list[dict]) -> list[str]:
         problems.append(f"the triton Services expose {served}, not HTTP, gRPC and metrics")
 
     problems += k8s_isolation_problems(docs)
-    return problems
-
-
     problems += k8s_web_problems(docs, services, served)
 
     hpa = next((d for d in docs if d["kind"] == "HorizontalPodAutoscaler"), {})
@@ -599,7 +596,6 @@ def k8s_problems(docs: list[dict]) -> list[str]:
     return problems
 
 
-<<<<<<< HEAD
 def _matches(selector: dict, labels: dict[str, str]) -> bool:
     """A label selector (matchLabels only: the policies here use nothing else) against labels."""
     if set(selector) - {"matchLabels"}:
@@ -699,7 +695,9 @@ def k8s_isolation_problems(docs: list[dict]) -> list[str]:
         problems.append(f"the sync sidecar does not get the admin key from the Secret as {ADMIN_KEY_ENV}")
     if spec.get("terminationGracePeriodSeconds", 30) < MIN_SYNC_GRACE_S:
         problems.append(f"the triton pod's grace period is under {MIN_SYNC_GRACE_S} s: sync cannot roll back")
-=======
+    return problems
+
+
 def k8s_web_problems(docs: list[dict], services: dict, triton_ports: dict) -> list[str]:
     """The web Deployment talks to the triton Service's gRPC port; its Service and probes reach it."""
     spec = find(docs, "Deployment", "web").get("spec", {}).get("template", {}).get("spec", {})
@@ -726,7 +724,6 @@ def k8s_web_problems(docs: list[dict], services: dict, triton_ports: dict) -> li
         "app.kubernetes.io/name": "web"
     }:
         problems.append("the web Service does not reach the web pods' port")
->>>>>>> webapp
     return problems
 
 
