@@ -5,6 +5,7 @@ Rows (each against the 10,000 real test images, padded to 32x32 as the generator
   train        real training images: the floor a perfect generator would reach
   halves       the test set's two halves against each other (5,000 each): the same-distribution floor
   random-init  an untrained generator of the same architecture (zoo initialization): the ceiling
+With --sheet, 48 generated images labelled by the classifier go into one PNG.
 Metrics: SWD x1e3 (levels 32, 16 and their average; bench/swd.py's computation) and, with
 --classifier, the Frechet distance of the classifier's penultimate features ("FID-style"), plus the
 class shares of generated images as the classifier sees them. Writes everything as JSON.
@@ -26,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
+from fashionserve.catalogue.classifier import CLASSES, GarmentClassifier  # noqa: E402
 from fashionserve.catalogue.data import DataError, load_split  # noqa: E402
 from fashionserve.catalogue.evaluation import (  # noqa: E402
     class_shares,
@@ -40,7 +43,9 @@ from fashionserve.catalogue.swd import SWDError, swd  # noqa: E402
 from fashionserve.catalogue.training import load_classifier, preprocess  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
 from fashionserve.cli import UserError, run  # noqa: E402
+from fashionserve.sheets import contact_sheet  # noqa: E402
 
+SHEET_IMAGES = 48
 ROWS = ("generated", "train", "halves", "random-init")
 METRICS = ("swd", "frechet")
 
@@ -51,6 +56,22 @@ def choices(value: str, allowed: tuple[str, ...], flag: str) -> list[str]:
     if unknown or not chosen:
         raise UserError(f"{flag}: choose from {', '.join(allowed)} (comma-separated), got {value!r}")
     return chosen
+
+
+def write_labelled_sheet(
+    generator: PGGANGenerator, classifier: GarmentClassifier, seed: int, path: Path
+) -> None:
+    """48 generated images (latents drawn with `seed`), 4x enlarged, each captioned with the class the
+    classifier gives it and that class's probability."""
+    images = generate(generator, SHEET_IMAGES, seed)
+    with torch.no_grad():
+        probabilities = classifier.eval()(preprocess(images)).softmax(1)
+    confidence, labels = probabilities.max(1)
+    captions = [f"{CLASSES[k]} {p:.2f}" for k, p in zip(labels.tolist(), confidence.tolist(), strict=True)]
+    sheet = contact_sheet(images, 8, gap=4, background=255, scale=4, captions=captions)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(sheet).save(path)
+    print(f"wrote {path}")
 
 
 def main() -> None:
@@ -68,13 +89,18 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="latents, SWD patches and directions (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for torch (default 1)")
     parser.add_argument("--json", type=Path, required=True, help="JSON file to write")
+    parser.add_argument(
+        "--sheet", type=Path, help="also write 48 generated images, labelled by the classifier, as a PNG"
+    )
     args = parser.parse_args()
     rows = choices(args.rows, ROWS, "--rows")
     metrics = choices(args.metrics, METRICS, "--metrics")
     if "generated" in rows and args.generator is None:
         raise UserError("the generated row needs --generator")
-    if "frechet" in metrics and args.classifier is None:
-        raise UserError("--metrics frechet needs --classifier")
+    if ("frechet" in metrics or args.sheet) and args.classifier is None:
+        raise UserError("--metrics frechet and --sheet need --classifier")
+    if args.sheet and args.generator is None:
+        raise UserError("--sheet needs --generator")
     if args.count < 2 or args.count % 2:
         raise UserError("--count must be an even number of at least 2")
     torch.set_num_threads(args.threads)
@@ -122,6 +148,8 @@ def main() -> None:
         results["test_labels_shares"] = (
             np.bincount(test_labels[: args.count], minlength=10) / args.count
         ).tolist()
+    if args.sheet:
+        write_labelled_sheet(trained, classifier, args.seed, args.sheet)
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")
     print(f"written to {args.json}")
