@@ -35,12 +35,13 @@ from fashionserve.catalogue.evaluation import (  # noqa: E402
     class_shares,
     embeddings,
     frechet_distance,
+    garments,
     generate,
 )
 from fashionserve.catalogue.pggan import PGGANGenerator, load_pggan_checkpoint  # noqa: E402
 from fashionserve.catalogue.pggan_training import PGGANTrainOptions, network_config, pad_to_32  # noqa: E402
 from fashionserve.catalogue.swd import SWDError, swd  # noqa: E402
-from fashionserve.catalogue.training import load_classifier, preprocess  # noqa: E402
+from fashionserve.catalogue.training import load_classifier  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
 from fashionserve.cli import UserError, run  # noqa: E402
 from fashionserve.sheets import contact_sheet  # noqa: E402
@@ -65,7 +66,7 @@ def write_labelled_sheet(
     classifier gives it and that class's probability."""
     images = generate(generator, SHEET_IMAGES, seed)
     with torch.no_grad():
-        probabilities = classifier.eval()(preprocess(images)).softmax(1)
+        probabilities = classifier.eval()(garments(images)).softmax(1)
     confidence, labels = probabilities.max(1)
     captions = [f"{CLASSES[k]} {p:.2f}" for k, p in zip(labels.tolist(), confidence.tolist(), strict=True)]
     sheet = contact_sheet(images, 8, gap=4, background=255, scale=4, captions=captions)
@@ -122,12 +123,14 @@ def main() -> None:
         config = trained.config if trained else network_config(PGGANTrainOptions(), 3)
         return generate(PGGANGenerator(config), args.count, args.seed), test
 
-    feature_cache: dict[int, np.ndarray] = {}
+    test_features: list[np.ndarray] = []  # the test set's, computed once for all rows
 
     def features(images: np.ndarray) -> np.ndarray:
-        if id(images) not in feature_cache:
-            feature_cache[id(images)] = embeddings(classifier, preprocess(images))
-        return feature_cache[id(images)]
+        if images is not test:
+            return embeddings(classifier, garments(images))
+        if not test_features:
+            test_features.append(embeddings(classifier, garments(test)))
+        return test_features[0]
 
     results: dict = {"count": args.count, "seed": args.seed, "rows": {}}
     for row in rows:
@@ -139,12 +142,12 @@ def main() -> None:
         if "frechet" in metrics:
             values["frechet_distance"] = frechet_distance(features(first), features(second))
         if row == "generated" and classifier is not None:
-            results["class_shares_generated"] = class_shares(classifier, preprocess(first))
+            results["class_shares_generated"] = class_shares(classifier, garments(first))
         results["rows"][row] = values
         shown = ", ".join(f"{key} {value:.3f}" for key, value in values.items() if key != "images")
         print(f"{row}: {shown} ({time.monotonic() - started:.0f}s)", flush=True)
     if classifier is not None:
-        results["class_shares_test"] = class_shares(classifier, preprocess(test))
+        results["class_shares_test"] = class_shares(classifier, garments(test))
         results["test_labels_shares"] = (
             np.bincount(test_labels[: args.count], minlength=10) / args.count
         ).tolist()
