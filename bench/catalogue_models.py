@@ -39,7 +39,12 @@ from fashionserve.catalogue.evaluation import (  # noqa: E402
     generate,
 )
 from fashionserve.catalogue.pggan import PGGANGenerator, load_pggan_checkpoint  # noqa: E402
-from fashionserve.catalogue.pggan_training import PGGANTrainOptions, network_config, pad_to_32  # noqa: E402
+from fashionserve.catalogue.pggan_training import (  # noqa: E402
+    PADDED_SIZE,
+    PGGANTrainOptions,
+    network_config,
+    pad_to_32,
+)
 from fashionserve.catalogue.swd import SWDError, swd  # noqa: E402
 from fashionserve.catalogue.training import load_classifier  # noqa: E402
 from fashionserve.checkpoints import CheckpointError  # noqa: E402
@@ -110,6 +115,11 @@ def main() -> None:
         raise UserError(f"--count {args.count} exceeds the {len(test_images)} test images")
     test = pad_to_32(test_images[: args.count])
     trained = load_pggan_checkpoint(args.generator) if args.generator else None
+    if trained and (trained.config.resolution, trained.config.dim_output) != (PADDED_SIZE, 1):
+        raise UserError(
+            f"{args.generator}: a {trained.config.resolution}x{trained.config.resolution} generator with "
+            f"{trained.config.dim_output} channels; the measures need 32x32 gray (a finished training)"
+        )
     classifier = load_classifier(args.classifier)[0] if args.classifier else None
 
     def candidates(row: str) -> tuple[np.ndarray, np.ndarray]:
