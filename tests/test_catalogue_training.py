@@ -2,11 +2,13 @@
 schedule, exact resume, strict loading of every checkpoint into the served generator, the CLI."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fashionserve.catalogue.bundles import load_fashion_generator
 from fashionserve.catalogue.data import write_idx
@@ -74,6 +76,24 @@ def test_discriminator_has_the_zoo_dnet_layout():
     }
     scores = PGGANDiscriminator(config)(torch.randn(8, 1, 16, 16))
     assert scores.shape == (8, 1)
+
+
+def test_discriminator_fade_in_starts_from_the_previous_resolution():
+    config = PGGANConfig(latent_dim=8, depth_scale0=8, depth_other_scales=(6, 4), dim_output=1)
+    grown = PGGANDiscriminator(config)
+    previous = PGGANDiscriminator(replace(config, depth_other_scales=(6,)))
+    shared = previous.state_dict().keys()
+    previous.load_state_dict({key: value for key, value in grown.state_dict().items() if key in shared})
+    images = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    grown.alpha = 1.0  # the fade-in's first step: only the half-size path counts
+    with torch.no_grad():
+        torch.testing.assert_close(grown(images), previous(F.avg_pool2d(images, 2)))
+        grown.alpha = 0.5
+        half = grown(images)
+        grown.alpha = 0.0
+        assert not torch.allclose(half, grown(images)) and not torch.allclose(
+            half, previous(F.avg_pool2d(images, 2))
+        )
 
 
 def test_minibatch_stddev_matches_the_paper_per_group():
