@@ -192,7 +192,19 @@ def test_generate_cli_writes_a_reproducible_contact_sheet(server, tmp_path):
 
 
 def test_generate_cli_labels_every_image_with_the_served_classifier(server, tmp_path):
-    args = ["client/generate.py", "--count", "3", "--seed", "1", "--url", server.grpc_url, "--scale", "3"]
+    args = [
+        "client/generate.py",
+        "--count",
+        "3",
+        "--columns",
+        "3",
+        "--seed",
+        "1",
+        "--url",
+        server.grpc_url,
+        "--scale",
+        "3",
+    ]
     result = run_cli(*args, "--classifier", "garment_classifier", "--out", str(tmp_path / "labelled.png"))
     assert result.returncode == 0, result.stderr
     labels = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("   ")]
