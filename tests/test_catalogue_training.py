@@ -137,7 +137,7 @@ def test_training_completes_and_every_checkpoint_loads_strictly_into_the_served_
     assert not train_pggan(run, data, tmp_path, max_images=40, log=lambda _: None)
     middle = load_pggan_checkpoint(tmp_path / TRAINING_FILE)
     assert middle.config.resolution == 16 and 0 < middle.config.alpha < 1
-    latents = torch.randn(5, TINY.latent_dim)
+    latents = torch.randn(5, TINY.latent_dim, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(middle(latents), run.average(latents), rtol=0, atol=0)
 
@@ -152,7 +152,7 @@ def test_training_completes_and_every_checkpoint_loads_strictly_into_the_served_
     served, provenance = load_fashion_generator(tmp_path / RELEASE_FILE, PGGANConfig(), seed=0)
     assert served.config.alpha == 0 and served.config.dim_output == 1 and not provenance["random_init"]
     with torch.no_grad():  # equalized LR folded into the served weights: same images
-        torch.testing.assert_close(served(latents), run.average(latents), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(served(latents), run.average(latents), rtol=1e-4, atol=1e-4)
 
 
 def test_resumed_training_equals_an_uninterrupted_run(tmp_path):
