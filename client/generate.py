@@ -6,6 +6,7 @@ or read from a .npy file of shape [count, latent_dim] with --latents.
 Examples:
   python client/generate.py --count 8 --seed 1
   python client/generate.py --latents z.npy --out work/results/sheet.png --each work/results/generated
+  python client/generate.py --count 32 --scale 4 --classifier garment_classifier --out work/labelled.png
 """
 
 import argparse
@@ -17,8 +18,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from a checkout
 
+from fashionserve.catalogue.networks.classifier import CLASSES  # noqa: E402
 from fashionserve.cli import UserError, command_parser, output_folder, run  # noqa: E402
 from fashionserve.client import DEFAULT_URLS, PROTOCOLS, ClientError, TritonModelClient, save_png  # noqa: E402
+from fashionserve.sheets import contact_sheet  # noqa: E402
 
 GAP = 4  # pixels between images on the sheet
 SHEET_BACKGROUND = 255
@@ -36,6 +39,14 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--columns", type=int, help="images per sheet row (default: about square)")
     parser.add_argument(
         "--out", type=Path, default=Path("work/results/generated.png"), help="contact sheet PNG to write"
+    )
+    parser.add_argument(
+        "--scale", type=int, default=1, help="enlarge every image this many times on the sheet"
+    )
+    parser.add_argument(
+        "--classifier",
+        metavar="MODEL",
+        help="also label every image with this served garment classifier (e.g. garment_classifier)",
     )
     parser.add_argument("--each", type=Path, metavar="DIR", help="also write every image as DIR/<index>.png")
     return parser.parse_args()
@@ -66,29 +77,28 @@ def read_latents(args: argparse.Namespace, latent_dim: int) -> np.ndarray:
     return latents
 
 
-def contact_sheet(images: np.ndarray, columns: int) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> one uint8 image, `columns` per row, GAP pixels apart."""
-    count, height, width, _ = images.shape
-    rows = math.ceil(count / columns)
-    sheet = np.full(
-        (rows * height + (rows + 1) * GAP, columns * width + (columns + 1) * GAP, 3),
-        SHEET_BACKGROUND,
-        np.uint8,
-    )
-    for index, image in enumerate(images):
-        top = GAP + (index // columns) * (height + GAP)
-        left = GAP + (index % columns) * (width + GAP)
-        sheet[top : top + height, left : left + width] = image
-    return sheet
+def classify(images: np.ndarray, url: str, protocol: str, model: str) -> list[str]:
+    """'<class> <probability>' of every image, as the served garment classifier sees it."""
+    client = TritonModelClient(url, model, protocol)
+    captions = []
+    for image in images:
+        (probabilities,) = client.infer({"image": image[None]})["probabilities"]
+        best = int(np.argmax(probabilities))
+        captions.append(f"{CLASSES[best]} {probabilities[best]:.2f}")
+    client.close()
+    return captions
 
 
 def main() -> None:
     args = parse_args()
+    if args.scale < 1:
+        raise UserError("--scale must be at least 1")
     if args.out.is_dir():
         raise UserError(f"--out {args.out} is a folder; give the .png file of the contact sheet")
     if args.each:
         output_folder(args.each)
-    client = TritonModelClient(args.url or DEFAULT_URLS[args.protocol], args.model, args.protocol)
+    url = args.url or DEFAULT_URLS[args.protocol]
+    client = TritonModelClient(url, args.model, args.protocol)
     (latent_spec,) = client.inputs
     latents = read_latents(args, latent_spec.shape[0])
     step = client.max_batch_size or len(latents)
@@ -101,7 +111,12 @@ def main() -> None:
     )
     client.close()
     columns = args.columns or math.ceil(math.sqrt(len(images)))
-    save_png(args.out, contact_sheet(images, max(1, columns)))
+    captions = classify(images, url, args.protocol, args.classifier) if args.classifier else None
+    if captions:
+        for index, caption in enumerate(captions):
+            print(f"{index:4d}: {caption}")
+    sheet = contact_sheet(images, max(1, columns), GAP, SHEET_BACKGROUND, args.scale, captions)
+    save_png(args.out, sheet)
     if args.each:
         for index, image in enumerate(images):
             save_png(args.each / f"{index:04d}.png", image)

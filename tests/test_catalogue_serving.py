@@ -185,6 +185,32 @@ def test_generate_cli_writes_a_reproducible_contact_sheet(server, tmp_path):
     assert f"expected latents of shape [count, {LATENT}], got [2, {LATENT + 1}]" in error
 
 
+def test_generate_cli_labels_every_image_with_the_served_classifier(server, tmp_path):
+    args = [
+        "client/generate.py",
+        "--count",
+        "3",
+        "--columns",
+        "3",
+        "--seed",
+        "1",
+        "--url",
+        server.grpc_url,
+        "--scale",
+        "3",
+    ]
+    result = run_cli(*args, "--classifier", "garment_classifier", "--out", str(tmp_path / "labelled.png"))
+    assert result.returncode == 0, result.stderr
+    labels = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith("   ")]
+    assert len(labels) == 3 and all(label.rsplit(" ", 1)[0] in CLASSES for label in labels)
+    sheet = np.asarray(Image.open(tmp_path / "labelled.png"))
+    assert sheet.shape == (48 + 14 + 2 * 4, 3 * 48 + 4 * 4, 3)  # 3x enlarged, one caption strip
+    caption = sheet[4 + 48 : 4 + 48 + 14, 4 : 4 + 48]
+    assert (caption < 128).any() and (caption == 255).any()  # dark text on the white background
+    assert run_cli(*args, "--out", str(tmp_path / "plain.png")).returncode == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "plain.png"))[4:52, 4:52], sheet[4:52, 4:52])
+
+
 def test_classify_cli_names_class_confidence_and_group(server, tmp_path):
     Image.fromarray(draw_product_photo(TROUSER, 240, 180, 7)).save(tmp_path / "trousers.png")
     result = run_cli(

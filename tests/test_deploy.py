@@ -19,6 +19,7 @@ import pytest
 import yaml
 from mlflow.server.security_utils import is_allowed_host_header
 
+from fashionserve.checkpoints import sha256_file
 from fashionserve.client import DEFAULT_URLS
 from fashionserve.mlflow_server import MlflowServer
 from fashionserve.plans import HEAVY_NETWORKS, Gpu, plan_file_name, record_plan
@@ -1084,6 +1085,29 @@ def test_bootstrap_never_promotes_the_demo_over_a_registry_in_use(bootstrapped, 
         assert result.returncode == 0, result.stderr
         assert "reusing the demo version 1" in result.stdout
         assert client.get_model_version_by_alias("tryon", "production").version == "1"
+
+
+def test_bootstrap_serves_the_shipped_catalogue_models_once(mlflow_server, bootstrapped, tmp_path):
+    args = [
+        "deploy/bootstrap.py",
+        f"--bundles={tmp_path}",
+        "--catalogue",
+        f"--tracking-uri={mlflow_server.url}",
+    ]
+    result = run_cli(*args, timeout=600)
+    assert result.returncode == 0, result.stderr
+    client = connect(mlflow_server.url)
+    for model in ("garment_classifier", "fashion_generator"):
+        version = client.get_model_version_by_alias(model, "production")
+        shipped = PROJECT_ROOT / "models" / "catalogue" / f"{model}.pt"
+        assert version.tags["checkpoint_sha256"] == sha256_file(shipped) and RANDOM_INIT not in version.tags
+    again = run_cli(*args)
+    assert again.returncode == 0, again.stderr
+    assert [line.split(" -> ")[0] for line in again.stdout.splitlines()] == [
+        "'garment_classifier' alias 'production'",
+        "'fashion_generator' alias 'production'",
+        "'tryon' alias 'production'",
+    ] and all(line.endswith("nothing to do") for line in again.stdout.splitlines())
 
 
 def fake_plans(bundle: Path, manifest: dict) -> dict:

@@ -103,8 +103,11 @@ class ClassifierServing(nn.Module):
 
 
 class PGGANPostprocess(nn.Module):
-    """[-1, 1] NCHW -> uint8 HWC, as the official code: x * 127.5 + 127.5, rounded, saturated."""
+    """[-1, 1] NCHW -> uint8 HWC RGB, as the official code: x * 127.5 + 127.5, rounded, saturated. A
+    grayscale generator's single channel is repeated into three, so every served image is RGB."""
 
     def forward(self, image: Tensor) -> Tensor:
         pixels = (image * 127.5 + 127.5).round().clamp(0.0, 255.0)
+        if pixels.shape[1] == 1:
+            pixels = pixels.expand(-1, 3, -1, -1)
         return pixels.to(torch.uint8).permute(0, 2, 3, 1)

@@ -68,5 +68,10 @@ class GarmentClassifier(nn.Module):
             nn.Linear(config.hidden, len(CLASSES)),
         )
 
+    def embedding(self, garment: Tensor) -> Tensor:
+        """The hidden units before the last linear layer, [N, hidden] (features for an FID-style
+        distance)."""
+        return self.head[:-1](self.features((garment - PIXEL_MEAN) / PIXEL_STD))
+
     def forward(self, garment: Tensor) -> Tensor:
-        return self.head(self.features((garment - PIXEL_MEAN) / PIXEL_STD))
+        return self.head[-1](self.embedding(garment))

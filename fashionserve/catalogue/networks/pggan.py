@@ -164,6 +164,75 @@ class PGGANGenerator(nn.Module):
                 layer.fold()
 
 
+def minibatch_stddev(x: Tensor, group_size: int = 4) -> Tensor:
+    """The paper's minibatch standard deviation: within each group of `group_size` consecutive samples,
+    the std of every feature (biased, as the official code), averaged to one number, appended as one
+    more constant feature map. A batch that does not split evenly forms one group."""
+    batch, channels, height, width = x.shape
+    group = min(group_size, batch)
+    if batch % group:
+        group = batch
+    grouped = x.reshape(batch // group, group, channels, height, width)
+    std = (grouped.var(dim=1, unbiased=False) + _PIXEL_NORM_EPSILON).sqrt()  # [G, C, H, W]
+    feature = std.mean(dim=(1, 2, 3)).repeat_interleave(group)  # [N]
+    return torch.cat([x, feature[:, None, None, None].expand(-1, 1, height, width)], dim=1)
+
+
+class PGGANDiscriminator(nn.Module):
+    """The critic of progressive growing, in the pytorch_GAN_zoo `DNet` layout (`fromRGBLayers.<k>`,
+    `scaleLayers.<i>.<j>`, `groupScaleZero.{0,1}`, `decisionLayer`, each `.module.*`): images
+    [N, dim_output, R, R] -> scores [N, 1]. Mirrors the generator: 1x1 fromRGB, per added scale two 3x3
+    convs and 2x2 average pooling, then minibatch stddev (groups of `minibatch_group`; None: off), a 3x3
+    conv and a 4x4 dense layer at 4x4, no normalization. `alpha` > 0 blends in the fromRGB of the
+    half-size image (fade-in, zoo convention: 1 = old path only)."""
+
+    def __init__(self, config: PGGANConfig, minibatch_group: int | None = 4):
+        super().__init__()
+        self.config = config
+        self.minibatch_group = minibatch_group
+        self.alpha = 0.0
+        eq = config.equalized_lr
+        depths = (config.depth_scale0, *config.depth_other_scales)
+        self.fromRGBLayers = nn.ModuleList(
+            EqualizedLayer(nn.Conv2d(config.dim_output, depth, 1), eq) for depth in depths
+        )
+        self.scaleLayers = nn.ModuleList(
+            nn.ModuleList(
+                [
+                    EqualizedLayer(nn.Conv2d(depth, depth, 3, padding=1), eq),
+                    EqualizedLayer(nn.Conv2d(depth, previous, 3, padding=1), eq),
+                ]
+            )
+            for previous, depth in zip(depths, depths[1:], strict=False)
+        )
+        entry = depths[0] + (0 if minibatch_group is None else 1)
+        self.groupScaleZero = nn.ModuleList(
+            [
+                EqualizedLayer(nn.Conv2d(entry, depths[0], 3, padding=1), eq),
+                EqualizedLayer(nn.Linear(16 * depths[0], depths[0]), eq),
+            ]
+        )
+        self.decisionLayer = EqualizedLayer(nn.Linear(depths[0], 1), eq)
+
+    def _activate(self, x: Tensor) -> Tensor:
+        return F.leaky_relu(x, self.config.leaky_relu_leak)
+
+    def forward(self, images: Tensor) -> Tensor:
+        x = self._activate(self.fromRGBLayers[-1](images))
+        for index, group in enumerate(reversed(self.scaleLayers)):
+            for conv in group:
+                x = self._activate(conv(x))
+            x = F.avg_pool2d(x, 2)
+            if index == 0 and self.alpha > 0:
+                old = self._activate(self.fromRGBLayers[-2](F.avg_pool2d(images, 2)))
+                x = self.alpha * old + (1.0 - self.alpha) * x
+        if self.minibatch_group is not None:
+            x = minibatch_stddev(x, self.minibatch_group)
+        x = self._activate(self.groupScaleZero[0](x))
+        x = self._activate(self.groupScaleZero[1](x.flatten(1)))
+        return self.decisionLayer(x)
+
+
 class ZooConfig:
     """Stand-in for the zoo's pickled `BaseConfig` (an attribute bag), so that a zoo checkpoint loads
     with `weights_only=True` without the zoo's code."""
