@@ -25,5 +25,16 @@ def test_readme_and_docs_links_resolve():
 
 def test_readme_links_every_docs_page_it_summarises():
     readme = (PROJECT_ROOT / "README.md").read_text()
-    for page in ("quickstart", "tryon", "hair", "catalogue", "registry", "deploy", "load-tests", "tests"):
+    for page in (
+        "quickstart",
+        "tryon",
+        "hair",
+        "catalogue",
+        "registry",
+        "deploy",
+        "load-tests",
+        "tests",
+        "web",
+        "hardening",
+    ):
         assert f"docs/{page}.md" in readme, page
