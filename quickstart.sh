@@ -122,6 +122,9 @@ echo "MLflow: ${SERVED[*]}: the promoted versions hold the alias 'production' an
 if [ "${KEEP_SERVER:-0}" = 1 ]; then
   echo "Triton keeps running (HTTP 127.0.0.1:$HTTP_PORT, gRPC 127.0.0.1:$GRPC_PORT);"
   echo "the MLflow UI is at $MLFLOW_TRACKING_URI/#/models/${SERVED[0]}"
+  WEB_DATA=""; [ -d "$WORK/samples/test/image" ] && WEB_DATA=" --dataroot $WORK/samples"
+  echo "Web app (try-on, hairstyles): $PY -m web --triton 127.0.0.1:$GRPC_PORT$WEB_DATA \\"
+  echo "    --repository $WORK/served --mlflow-uri $MLFLOW_TRACKING_URI   then open http://127.0.0.1:8080/"
   echo "Stop them with: .venv/bin/python -m fashionserve.launcher stop --pid-file $WORK/triton.pid"
   echo "           and: .venv/bin/python -m fashionserve.mlflow_server stop --pid-file $WORK/mlflow.pid"
 else
