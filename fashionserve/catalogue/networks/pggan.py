@@ -103,7 +103,13 @@ class EqualizedLayer(nn.Module):
 
 
 def _pixel_norm(x: Tensor) -> Tensor:
-    return x * (x.square().mean(dim=1, keepdim=True) + _PIXEL_NORM_EPSILON).rsqrt()
+    # The clamp changes nothing here (the sum is at least epsilon) but survives ONNX export: the torch
+    # dynamo exporter's optimizer (optimize=True) drops the Add of a constant as small as 1e-8, and an
+    # all-zero vector then came out NaN from the exported graph.
+    return (
+        x
+        * (x.square().mean(dim=1, keepdim=True) + _PIXEL_NORM_EPSILON).clamp_min(_PIXEL_NORM_EPSILON).rsqrt()
+    )
 
 
 def _upscale(x: Tensor) -> Tensor:
