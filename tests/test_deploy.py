@@ -62,7 +62,7 @@ COMPOSE_PEERS = {
     "mlflow": {*COMPOSE_TOOLS, "postgres", "minio", "minio-init"},
     "postgres": {"mlflow", "minio", "minio-init"},
     "minio": {"mlflow", "postgres", "minio-init"},
-    "triton": {"sync"},
+    "triton": {"sync", "web"},  # web: inference only (the control API wants the admin key)
 }
 
 
@@ -247,8 +247,8 @@ def compose_web_problems(services: dict) -> list[str]:
         problems.append("web's --repository is not the models volume sync writes")
     elif not mounts[flag(command, "repository")].endswith(":ro"):
         problems.append("web mounts the models volume writable")
-    if flag(command, "mlflow-uri") != "http://mlflow:5000":
-        problems.append(f"web reads MLflow at {flag(command, 'mlflow-uri')}")
+    if flag(command, "mlflow-uri") is not None:
+        problems.append("web reads MLflow, which answers the tools only: its status comes from --repository")
     port = flag(command, "port")
     if not any(p.endswith(f":{port}") for p in web.get("ports", [])):
         problems.append(f"web listens on {port}, which is not published")
@@ -382,8 +382,12 @@ BROKEN_COMPOSE = {
     "unknown model": (("--model=tryon", "--model=tryon_v2"), "sync serves tryon_v2"),
     "web on Triton's HTTP port": (("--triton=triton:8001", "--triton=triton:8000"), "not its gRPC port"),
     "web reads another folder": (
-        ("--repository=/models\n      - --mlflow-uri", "--repository=/srv\n      - --mlflow-uri"),
+        ("- --repository=/models  #", "- --repository=/srv  #"),
         "web's --repository is not the models volume",
+    ),
+    "web reads MLflow": (
+        ("- --repository=/models  #", "- --mlflow-uri=http://mlflow:5000\n      - --repository=/models  #"),
+        "web reads MLflow",
     ),
     "web may write the models": (
         ("- models:/models:ro", "- models:/models"),
