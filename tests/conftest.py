@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from fashionserve.launcher import TritonServer
+from fashionserve.mlflow_server import MlflowServer
 from fashionserve.repository import render_repository
 from fashionserve.tryon.bundle import export_bundle, load_networks
 from fashionserve.tryon.samples import write_sample_set
@@ -49,6 +50,13 @@ def one_line_error(result: subprocess.CompletedProcess, *fragments: str) -> str:
     for fragment in fragments:
         assert fragment in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real MLflow server (SQLite, local artifacts) on a free loopback port, one per test module."""
+    with MlflowServer(root=tmp_path_factory.mktemp("mlflow")) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -38,9 +38,9 @@ CLASSIFIER_CONFIG = ClassifierConfig(width=8, hidden=32)
 GENERATOR_CONFIG = PGGANConfig(latent_dim=24, depth_scale0=16, depth_other_scales=(16, 8))  # 16x16
 SEED = 3
 
-# The try-on registry tests' module-scoped fixtures (one instance per module): a real MLflow server, its
-# client, and Triton in explicit model control on an empty repository.
-mlflow_server, client, served = test_mlflow.mlflow_server, test_mlflow.client, test_mlflow.served
+# The try-on registry tests' module-scoped fixtures (one instance per module; the MLflow server is
+# conftest's): its client, and Triton in explicit model control on an empty repository.
+client, served = test_mlflow.client, test_mlflow.served
 
 
 @pytest.fixture(scope="module")

@@ -1048,12 +1048,6 @@ def test_sync_takes_plans_only_on_the_gpu_target():
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory):
-    with MlflowServer(root=tmp_path_factory.mktemp("mlflow-deploy")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def bootstrapped(mlflow_server, tmp_path_factory):
     bundles = tmp_path_factory.mktemp("bundles")
     args = ["deploy/bootstrap.py", f"--bundles={bundles}", "--resolution=256x192"]

@@ -44,14 +44,6 @@ MARKER_TIMEOUT_S = 120.0  # bound on a sync reaching the moment a fault is injec
 
 
 @pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    from fashionserve.mlflow_server import MlflowServer
-
-    with MlflowServer(root=tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
-
-
-@pytest.fixture(scope="module")
 def client(mlflow_server):
     return registry.connect(mlflow_server.url)
 

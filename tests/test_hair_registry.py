@@ -24,18 +24,11 @@ from fashionserve.hair.bundle import (
     transfer_inputs,
 )
 from fashionserve.launcher import TritonServer
-from fashionserve.mlflow_server import MlflowServer
 from fashionserve.sync import LIVE_TAG, STATE_FILE
 from tests.conftest import run_cli
 from tests.test_hair_pipeline import CONFIG, INPUTS, write_checkpoints
 
 ENSEMBLES = {TRANSFER: transfer_inputs, EDIT: edit_inputs}
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    with MlflowServer(root=tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")

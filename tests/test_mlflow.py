@@ -25,7 +25,6 @@ from fashionserve import registry
 from fashionserve.checkpoints import sha256_file
 from fashionserve.client import TritonModelClient
 from fashionserve.launcher import TritonServer
-from fashionserve.mlflow_server import MlflowServer
 from fashionserve.processes import process_stat
 from fashionserve.sync import LIVE_TAG, STATE_FILE
 from fashionserve.tryon.bundle import export_bundle, load_networks, read_manifest, write_manifest
@@ -34,12 +33,6 @@ from tests.test_tryon_pipeline import as_args, sample_batch
 
 MODEL = "tryon"
 WAIT_S = 240.0  # bound on waiting for a watch-mode swap
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory: pytest.TempPathFactory):
-    with MlflowServer(root=tmp_path_factory.mktemp("mlflow")) as server:
-        yield server
 
 
 @pytest.fixture(scope="module")
