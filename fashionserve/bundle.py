@@ -184,13 +184,12 @@ def _export_stage(
     dynamic_axes: dict[str, dict[int, str]] = {}
     for tensor, axis, name in stage.dynamic_axes:
         dynamic_axes.setdefault(tensor, {})[axis] = name
-    # the largest recorded batch the ONNX file accepts (a stage used by two steps runs twice the batch)
-    examples = [run[stage.name][0] for run in runs if len(run[stage.name][0][0]) <= max_batch]
-    if not examples:
-        raise ExportError(f"{stage.name}: every parity batch is larger than the max batch {max_batch}")
+    # trace with the largest recorded batch the ONNX file accepts (a stage several steps use records
+    # several times the batch: its first max_batch samples then)
+    largest = max((run[stage.name][0] for run in runs), key=lambda args: len(args[0]))
     export_onnx(
         module,
-        examples[-1],
+        tuple(tensor[:max_batch] for tensor in largest),
         path,
         list(stage.inputs),
         list(stage.outputs),
