@@ -50,7 +50,7 @@ def parse_args() -> argparse.Namespace:
         "--resolution",
         type=positive_int,
         default=1024,
-        help="side of the aligned portraits and of the generator: 1024 (public); 256 or 512 with --random-init",
+        help="side of the portraits and of the generator: 1024 (public); 256 or 512 with --random-init",
     )
     sizes.add_argument(
         "--widths",
