@@ -50,13 +50,13 @@ def parse_args() -> argparse.Namespace:
         "--resolution",
         type=positive_int,
         default=1024,
-        help="side of the portraits and of the generator: 1024 (public); 256 or 512 with --random-init",
+        help="side of the portraits and of the generator (default 1024, the released files' size)",
     )
     sizes.add_argument(
         "--widths",
         choices=sorted(NETWORK_WIDTHS),
         default="public",
-        help="network widths: public (the released files) or tiny (tests; --random-init only)",
+        help="network widths: public (default, the released files') or tiny (tests)",
     )
     return parse_export_args(parser, required=("hairfast_dir", "clip_checkpoint"), optional=("sean_codes",))
 
@@ -67,8 +67,6 @@ def main() -> None:
         config = HairConfig(image_size=args.resolution, widths=args.widths)
     except ValueError as exc:
         raise UserError(str(exc)) from None
-    if not args.random_init and (config.image_size, config.widths) != (1024, "public"):
-        raise UserError("the released files are the public 1024 configuration: drop --resolution/--widths")
     weights = (
         None if args.random_init else HairWeights(args.hairfast_dir, args.clip_checkpoint, args.sean_codes)
     )

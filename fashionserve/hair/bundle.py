@@ -3,6 +3,7 @@
 manifest. Weights come from HairFastGAN's `pretrained_models/` tree and OpenAI's CLIP ViT-B/32, or are
 seeded random (`random-init`)."""
 
+import copy
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -224,7 +225,7 @@ def _load_released(networks: HairNetworks, weights: HairWeights) -> dict:
     if not weights.clip_checkpoint.is_file():
         raise CheckpointError(f"{weights.clip_checkpoint}: missing (OpenAI's ViT-B-32.pt)")
     load_stylegan2_checkpoint(path("generator"), n.generator)
-    load_e4e_checkpoint(path("e4e"), n.e4e, StyleGAN2Generator())
+    load_e4e_checkpoint(path("e4e"), n.e4e, copy.deepcopy(n.generator))  # its own decoder goes unused
     load_feature_style_encoder(path("fs_encoder"), path("fs_latent_avg"), n.fs_encoder)
     n.parser.load_state_dict(load_face_parser_checkpoint(path("parser")).state_dict())
     load_rotate_checkpoint(path("rotate"), n.rotate)
@@ -245,13 +246,11 @@ def _load_released(networks: HairNetworks, weights: HairWeights) -> dict:
 
 
 def load_networks(config: HairConfig, weights: HairWeights | None, seed: int) -> tuple[HairPipeline, dict]:
-    """Reference pipeline from the released files (strict; public widths only) or seeded random weights,
-    plus provenance. Random-init sets the encoders' average latents to the random generator's mean W, as
-    the released ones are their generator's."""
+    """Reference pipeline from the released files (strict: the files must have `config`'s sizes, the public
+    1024 ones for HairFastGAN's) or seeded random weights, plus provenance. Random-init sets the encoders'
+    average latents to the random generator's mean W, as the released ones are their generator's."""
     torch.manual_seed(seed)
     random_init = weights is None
-    if not random_init and config.widths != "public":
-        raise ValueError("the released files have the public widths: drop --widths or use --random-init")
     provenance: dict = {"random_init": random_init, "seed": seed}
     networks = build_networks(config)
     if random_init:

@@ -449,16 +449,23 @@ class HairPipeline(nn.Module):
             }
         )
 
-    def _embed(self, image: Tensor, same_shape: Tensor, same_color: Tensor) -> dict[str, Tensor]:
+    def _embed(
+        self, image: Tensor, same_shape: Tensor, same_color: Tensor, features: bool
+    ) -> dict[str, Tensor]:
+        """Embedding.py for one image; F (mixed) only where it is used: the face's and the shape's."""
         s = self.stages
         fs_input, encoder_input, image_256, parser_input = s["hair_preprocess"](image)
         latent = s["hair_encoder"](encoder_input)
-        style, features = s["hair_fs_encoder"](fs_input)
+        style, fs_features = s["hair_fs_encoder"](fs_input)
         labels = s["hair_labels"](s["hair_parser"](parser_input))
-        w_features = s["hair_w_features"](latent)
-        features = s["hair_embed_mix"](features, w_features, labels, same_shape, same_color)
-        return {"latent": latent, "style": style, "features": features, "labels": labels,
-                "encoder_input": encoder_input, "image_256": image_256}  # fmt: skip
+        embedding = {"latent": latent, "style": style, "labels": labels,
+                     "encoder_input": encoder_input, "image_256": image_256}  # fmt: skip
+        if features:
+            w_features = s["hair_w_features"](latent)
+            embedding["features"] = s["hair_embed_mix"](
+                fs_features, w_features, labels, same_shape, same_color
+            )
+        return embedding
 
     def _target(self, face: dict[str, Tensor], reference: dict[str, Tensor], same: Tensor) -> Tensor:
         s = self.stages
@@ -475,9 +482,9 @@ class HairPipeline(nn.Module):
         reference's hairstyle in the colour reference's hair colour, uint8 [N, S, S, 3]."""
         s = self.stages
         same_shape, same_color = s["hair_same_images"](face, shape_reference, color_reference)
-        f, sh, co = (
-            self._embed(image, same_shape, same_color) for image in (face, shape_reference, color_reference)
-        )
+        f = self._embed(face, same_shape, same_color, features=True)
+        sh = self._embed(shape_reference, same_shape, same_color, features=True)
+        co = self._embed(color_reference, same_shape, same_color, features=False)
         shape_target = self._target(f, sh, same_shape)
         color_target = self._target(f, co, same_color)
         aligned = s["hair_align_features"](
