@@ -49,6 +49,7 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from fashionserve.bench import PERCENTILES, machine, rss_mb  # noqa: E402
 from fashionserve.cli import UserError, command_parser, positive_int, run  # noqa: E402
+from fashionserve.client import PROTOCOLS  # noqa: E402
 from fashionserve.launcher import ServerError, TritonServer, python_stubs  # noqa: E402
 from fashionserve.mlflow_server import MlflowServer  # noqa: E402
 from fashionserve.registry import RegistryError, connect, promote, register_bundle  # noqa: E402
@@ -127,7 +128,7 @@ def parse_args() -> argparse.Namespace:
         "--sync-interval", type=float, default=1.0, metavar="S", help="sync loop period (default 1)"
     )
     parser.add_argument("--batch", type=positive_int, default=1, help="samples per request (default 1)")
-    parser.add_argument("--protocol", choices=("http", "grpc"), default="http", help="default http")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="http", help="Locust's (default http)")
     parser.add_argument(
         "--flat-mb-per-min",
         type=float,
