@@ -9,8 +9,8 @@ from tests.conftest import one_line_error, run_cli
 
 def test_a_short_soak_swaps_live_under_load_and_fails_no_request(tmp_path: Path) -> None:
     out = tmp_path / "report"
-    # one promotion, at 10 s, with 14 s of load left for the swap to go live
-    args = ("--users", "2", "--duration", "24", "--promote-every", "10", "--sample-every", "3")
+    # one promotion, at 10 s, with 18 s of load left for the swap to go live (3-18 s on a busy 2-core CPU)
+    args = ("--users", "2", "--duration", "28", "--promote-every", "10", "--sample-every", "3")
     result = run_cli("bench/soak.py", *args, "--out", str(out), "--name", "short", timeout=240)
     assert result.returncode == 0, (result.stdout[-3000:], result.stderr[-3000:])
     assert "promoted version 2 (B)" in result.stdout and "live: version 2" in result.stdout
