@@ -8,8 +8,9 @@ MLflow, validates it, builds a strongly typed plan of each heavy network from th
 architecture and TensorRT version are not built again, so running it twice costs a download.
 
 --model may be repeated (as for mlflow/sync.py): the plans of each model's aliased version are built in
-turn. A model with no heavy network (e.g. garment_classifier) gets an empty index, which is what sync
-looks for.
+turn (a model that fails is one `error:` line and exit 2 at the end; the others still get their plans).
+A model with no heavy network (e.g. garment_classifier) gets an empty index, which is what sync looks
+for.
 
 Examples (on the GPU host, inside the plan-builder image):
   python deploy/plan_builder.py --plans /plans                               # tryon's 'production'
@@ -44,6 +45,7 @@ from fashionserve.registry import (  # noqa: E402
     bundle_digest,
     connect,
     download_bundle,
+    first_line,
 )
 from fashionserve.repository import PRECISIONS, RenderError  # noqa: E402
 from fashionserve.sync import PLAN_STORE_INDEX, plan_store_dir, publish_plans  # noqa: E402
@@ -133,13 +135,19 @@ def build_plans(
     print(f"published {len(files)} plans of '{model}' version {model_version.version} into {store}")
 
 
-def main() -> None:
+def main() -> int:
     args = parse_args()
     tensorrt_version = require_tensorrt()
     gpu = local_gpu()
     client = connect(args.tracking_uri)
-    for model in args.models:
-        build_plans(client, args, model, gpu, tensorrt_version)
+    failed = 0
+    for model in args.models:  # a model that fails does not keep the others from getting their plans
+        try:
+            build_plans(client, args, model, gpu, tensorrt_version)
+        except (PlanError, RegistryError, RenderError) as exc:
+            failed += 1
+            print(f"error: {first_line(exc)}", file=sys.stderr, flush=True)
+    return 2 if failed else 0
 
 
 if __name__ == "__main__":
