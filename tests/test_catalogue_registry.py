@@ -180,6 +180,17 @@ def test_both_pipelines_are_promoted_synced_and_served_side_by_side(
         assert not sync_api(client, served, name).changed
 
 
+def test_a_model_that_fails_does_not_keep_the_others_from_being_synced(mlflow_server, served, versions):
+    """One sync run for several models: the one without a registered version is one `error:` line and
+    exit 2; the others are still synced (here: already live, so up to date)."""
+    result = sync(mlflow_server, served, "no_such_model", "--model", CLASSIFIER, "--model", GENERATOR)
+    one_line_error(result, "'no_such_model'")
+    assert [line.split(" version ")[0] for line in result.stdout.splitlines()] == [
+        f"up to date: '{CLASSIFIER}'",
+        f"up to date: '{GENERATOR}'",
+    ], result.stdout
+
+
 def sync_api(client, served, name: str, variant: str = "fp32") -> SyncResult:
     return sync_once(client, name, served.repository, served.http_url, variant=variant, log=lambda _: None)
 
