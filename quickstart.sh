@@ -91,9 +91,8 @@ echo "== Triton (explicit model control), synced to the 'production' alias"
 rm -rf "$WORK/served" && mkdir -p "$WORK/served"
 $PY -m fashionserve.launcher start --repository "$WORK/served" --model-control explicit --detach \
   --pid-file "$WORK/triton.pid" --http-port "$HTTP_PORT" --grpc-port "$GRPC_PORT" --metrics-port "$METRICS_PORT"
-for MODEL in "${SERVED[@]}"; do
-  $PY mlflow/sync.py --model "$MODEL" --repository "$WORK/served" --triton-url "127.0.0.1:$HTTP_PORT"
-done
+MODEL_ARGS=(); for MODEL in "${SERVED[@]}"; do MODEL_ARGS+=(--model "$MODEL"); done
+$PY mlflow/sync.py "${MODEL_ARGS[@]}" --repository "$WORK/served" --triton-url "127.0.0.1:$HTTP_PORT"
 
 rm -rf "$WORK/results"
 if [ "$PIPELINE" = tryon ]; then
@@ -124,7 +123,7 @@ if [ "${KEEP_SERVER:-0}" = 1 ]; then
   echo "the MLflow UI is at $MLFLOW_TRACKING_URI/#/models/${SERVED[0]}"
   WEB_DATA=""; [ -d "$WORK/samples/test/image" ] && WEB_DATA=" --dataroot $WORK/samples"
   echo "Web app (try-on, hairstyles): $PY -m web --triton 127.0.0.1:$GRPC_PORT$WEB_DATA \\"
-  echo "    --repository $WORK/served --mlflow-uri $MLFLOW_TRACKING_URI   then open http://127.0.0.1:8080/"
+  echo "    --mlflow-uri $MLFLOW_TRACKING_URI   then open http://127.0.0.1:8080/"
   echo "Stop them with: .venv/bin/python -m fashionserve.launcher stop --pid-file $WORK/triton.pid"
   echo "           and: .venv/bin/python -m fashionserve.mlflow_server stop --pid-file $WORK/mlflow.pid"
 else

@@ -75,12 +75,21 @@ class Result:
         }
 
 
+def _status_mb(pid: int | str, field: str) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024.0
+    raise OSError(f"no {field} in /proc/{pid}/status")
+
+
 def peak_rss_mb(pid: int | str = "self") -> float:
     """Peak resident memory (VmHWM) of one process, in MiB (Linux /proc)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024.0
-    raise OSError(f"no VmHWM in /proc/{pid}/status")
+    return _status_mb(pid, "VmHWM")
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident memory now (VmRSS) of one process, in MiB (Linux /proc)."""
+    return _status_mb(pid, "VmRSS")
 
 
 def descendants(pid: int) -> list[int]:

@@ -261,6 +261,7 @@ class TritonServer:
     log_file: Path | None = None  # stdout+stderr of the server; default: a file in a fresh temp dir
     ready_timeout: float = 120.0
     watch_stubs: bool = True  # run the stub watchdog (see the module docstring)
+    extra_args: Sequence[str] = ()  # more tritonserver options (e.g. the restricted APIs compose sets)
     reloaded: list[str] = field(default_factory=list, init=False)  # models the watchdog reloaded
     _process: subprocess.Popen | None = field(default=None, init=False, repr=False)
     _watchdog: threading.Thread | None = field(default=None, init=False, repr=False)
@@ -364,6 +365,7 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-address={HOST}",
             f"--metrics-port={self.metrics_port}",
+            *self.extra_args,
         ]
         assert self.log_file is not None
         self.log_file.parent.mkdir(parents=True, exist_ok=True)

@@ -30,6 +30,16 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+def rsqrt_with_epsilon(x: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """1 / sqrt(x + epsilon) for x >= 0, written so that the epsilon survives export_onnx.
+
+    The exporter's optimizer (onnxscript, optimize=True) removes an Add of a scalar within 1e-8 of zero
+    as a no-op, so `x + 1e-8` exports as `x`, and x = 0 (an all-zero latent or style) then gives inf and
+    NaN. The clamp changes nothing in PyTorch (x + epsilon is at least epsilon) but stays in the graph.
+    """
+    return (x + epsilon).clamp_min(epsilon).rsqrt()
+
+
 def export_onnx(
     module: nn.Module,
     example_inputs: tuple[torch.Tensor, ...],

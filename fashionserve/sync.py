@@ -15,6 +15,9 @@ How the swap stays exact and never fails a request (Triton 2.51, explicit model 
   it is ready. (A failed ensemble load would unload the old ensemble, so it comes last.)
 - Config files are shared by all versions of a model, so a version whose tensors differ from the live
   one's cannot be swapped in live; sync refuses it.
+- Each ensemble config names the registered model version it serves (SERVED_PARAMETERS), so any
+  client can read what is live from Triton's model-config API (the repository index needs the admin
+  key); `web/status.py` does.
 - The python backend compiles `model.py` on import; a `__pycache__` written into a version dir would
   make Triton see the model as modified and reload it on every later load. Version dirs are written
   with their bytecode already compiled.
@@ -23,6 +26,9 @@ How it stays safe when it is killed or stopped at any moment:
 - Served configs are rendered from the tracked configs (model_repository/), never from a version's
   artifacts, and every name a version gives is validated (fashionserve.registry): nothing a registered
   version says can place a file outside the served repository.
+- One state file per repository holds an entry per registered model, so one process can serve several
+  (mlflow/sync.py --model A --model B): each model's swap has its own journal, and what one model's
+  sync cleans up never touches the files of another model's unfinished swap.
 - A journal in the state file (`pending`: the Triton version being swapped in, its models, the folders
   it created) is written before the served repository changes; each config it replaces is kept beside
   it (CONFIG_BACKUP). Every sync starts by finishing that journal: it keeps the new version if Triton
@@ -62,6 +68,7 @@ from fashionserve.plans import record_plan
 from fashionserve.registry import (
     ALIAS,
     GATE_FORCED_TAG,
+    RANDOM_INIT,
     RegistryError,
     bundle_digest,
     bundle_path,
@@ -92,6 +99,9 @@ PLAN_STORE_INDEX = "plans.json"
 # --http-restricted-api / --grpc-restricted-protocol model-repository:<ADMIN_HEADER>=<key> (k8s, compose).
 ADMIN_HEADER = "fashionserve-admin-key"
 ADMIN_KEY_ENV = "TRITON_ADMIN_KEY"  # where mlflow/sync.py reads the key from
+# Ensemble config parameters naming what the ensemble serves: registered model, its MLflow version, and
+# "true" when that version has random-init weights (outputs are noise).
+SERVED_PARAMETERS = ("registered_model", "registered_version", "random_init")
 COMPOSING_VERSIONS = 2  # the live version and the one before it, see the module docstring
 CHECK_DYNAMIC_SIZE = 32  # size of a dynamic input dimension (e.g. any image height) in the post-load check
 _SETTLE_TIMEOUT_S = 60.0
@@ -239,13 +249,16 @@ def _numeric_dirs(model_dir: Path) -> list[int]:
     )
 
 
-def _prepare(staged: Path, pipeline: str, version: int) -> list[str]:
-    """Pin the staged ensemble to `version`, keep two versions of each composing model loaded and
-    compile each python-backend model.py in place; returns the composing model names."""
+def _prepare(staged: Path, pipeline: str, version: int, served: dict[str, str]) -> list[str]:
+    """Pin the staged ensemble to `version` and label it with `served` (SERVED_PARAMETERS), keep two
+    versions of each composing model loaded and compile each python-backend model.py in place; returns
+    the composing model names."""
     ensemble = read_config(staged / pipeline / "config.pbtxt")
     composing = list(dict.fromkeys(step.model_name for step in ensemble.ensemble_scheduling.step))
     for step in ensemble.ensemble_scheduling.step:
         step.model_version = version
+    for key, value in served.items():
+        ensemble.parameters[key].string_value = value
     write_config(ensemble, staged / pipeline / "config.pbtxt")
     for name in composing:
         config = read_config(staged / name / "config.pbtxt")
@@ -406,8 +419,15 @@ def sync_once(
         for leftover in repository.glob("*/.*.partial"):  # a killed sync's copy in progress
             shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
         _finish_interrupted(triton, repository, name, log)
+        # the models of swaps of other registered models that a killed sync left: their rollback needs them
+        unfinished = {
+            model
+            for entry in _read_state(repository).values()
+            for model in entry.get("pending", {}).get("models", [])
+        }
         for backup in repository.glob(f"*/{CONFIG_BACKUP}"):  # of a swap that was finished
-            backup.unlink()
+            if backup.parent.name not in unfinished:
+                backup.unlink()
         state = _read_state(repository).get(name, {})
         _prune(triton, repository, name, state, log)
         served = _served_contracts(state, name)  # ensemble -> contract of what is live
@@ -433,7 +453,10 @@ def sync_once(
             )
             contracts = _manifest_contracts(manifest)
             ensembles = list(contracts)
-            composing = list(dict.fromkeys(m for e in ensembles for m in _prepare(staged, e, version)))
+            labels = _served_labels(model_version)
+            composing = list(
+                dict.fromkeys(m for e in ensembles for m in _prepare(staged, e, version, labels))
+            )
             _checkpoint(f"stopped before writing Triton version {version}; nothing was changed")
             models = [*composing, *ensembles]
             new_state = {
@@ -532,6 +555,13 @@ def _finish_interrupted(
             )
     _write_state(repository, name, {k: v for k, v in entry.items() if k != "pending"})
     log(f"rolled back Triton version {version} of '{name}'" + (f"; version {live} serves" if live else ""))
+
+
+def _served_labels(model_version: ModelVersion) -> dict[str, str]:
+    """The SERVED_PARAMETERS of an ensemble that serves `model_version`."""
+    random_init = "true" if RANDOM_INIT in model_version.tags else "false"
+    values = (model_version.name, model_version.version, random_init)
+    return dict(zip(SERVED_PARAMETERS, values, strict=True))
 
 
 def _manifest_contracts(manifest: dict) -> dict[str, dict]:

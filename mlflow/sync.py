@@ -1,4 +1,6 @@
-"""Make Triton serve the version the `production` alias points at (one shot, or --watch).
+"""Make Triton serve the version the `production` alias points at (one shot, or --watch), for one
+registered model or several (--model, repeated: one process, one state file, each model swapped on its
+own, in the order given).
 
 The version is downloaded, validated again, written into the served repository as a new numeric
 Triton version (copied aside, then renamed) and loaded through Triton's repository API (Triton must
@@ -18,6 +20,8 @@ Examples:
   python mlflow/sync.py --repository work/served --triton-url 127.0.0.1:8000 --watch --interval 10
   python mlflow/sync.py --repository /models --triton-url triton:8000 --target gpu --plans /plans --watch
   python mlflow/sync.py --model fashion_generator --repository work/served --triton-url 127.0.0.1:8000
+  python mlflow/sync.py --model tryon --model garment_classifier --model fashion_generator \\
+      --repository /models --triton-url triton:8000 --watch
 """
 
 import argparse
@@ -32,8 +36,10 @@ _HERE = Path(__file__).resolve().parent
 sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _HERE]
 sys.path.insert(0, str(_HERE.parent))
 
+from mlflow.tracking import MlflowClient  # noqa: E402
+
 from fashionserve.cli import add_tracking_uri, command_parser, run  # noqa: E402
-from fashionserve.registry import ALIAS, RegistryError, connect  # noqa: E402
+from fashionserve.registry import ALIAS, RegistryError, connect, first_line  # noqa: E402
 from fashionserve.repository import PRECISIONS, TARGETS  # noqa: E402
 from fashionserve.sync import (  # noqa: E402
     ADMIN_KEY_ENV,
@@ -49,8 +55,11 @@ def parse_args() -> argparse.Namespace:
     parser = command_parser(__doc__)
     parser.add_argument(
         "--model",
-        default="tryon",
-        help="registered model = pipeline: tryon (default), hair, garment_classifier, fashion_generator",
+        dest="models",
+        action="append",
+        metavar="MODEL",
+        help="registered model = pipeline: tryon (default), hair, garment_classifier, fashion_generator; "
+        "repeat it to serve several",
     )
     parser.add_argument("--alias", default=ALIAS, help="alias to serve (default: %(default)s)")
     parser.add_argument(
@@ -78,6 +87,7 @@ def parse_args() -> argparse.Namespace:
         "--load-timeout", type=float, default=600.0, metavar="S", help="seconds one Triton load may take"
     )
     args = parser.parse_args()
+    args.models = list(dict.fromkeys(args.models or ["tryon"]))
     if args.interval <= 0:
         parser.error("--interval must be positive")
     if args.plans is not None and args.target != "gpu":
@@ -89,10 +99,10 @@ def _log(line: str) -> None:
     print(line, flush=True)
 
 
-def sync(args: argparse.Namespace) -> SyncResult:
+def sync(args: argparse.Namespace, client: MlflowClient, model: str) -> SyncResult:
     return sync_once(
-        connect(args.tracking_uri),
-        args.model,
+        client,
+        model,
         args.repository,
         args.triton_url,
         alias=args.alias,
@@ -105,35 +115,50 @@ def sync(args: argparse.Namespace) -> SyncResult:
     )
 
 
-def main() -> None:
+def sync_all(args: argparse.Namespace, watching: bool) -> int:
+    """One round: each model in turn, so a model that fails does not keep the others from being served;
+    returns how many failed (each reported as an `error:` line). MLflow out of reach fails the round
+    (RegistryError); a stop request ends it at the next safe point of a model's sync (SyncStopped)."""
+    client = connect(args.tracking_uri)
+    failed = 0
+    for model in args.models:
+        try:
+            result = sync(args, client, model)
+        except SyncStopped:  # a RegistryError too, but it ends the round
+            raise
+        except RegistryError as exc:
+            failed += 1
+            print(f"error: {first_line(exc)}", file=sys.stderr, flush=True)
+            continue
+        if not result.changed and not watching:
+            _log(
+                f"up to date: '{model}' version {result.mlflow_version} is live as Triton version "
+                f"{result.triton_version}"
+            )
+    return failed
+
+
+def main() -> int:
     args = parse_args()
     # SIGTERM (a container stop) and Ctrl-C wait for the swap step in progress: it is finished or rolled
     # back, so Triton serves one version when this exits. A second signal does not cut that short.
     for stop_signal in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop_signal, lambda *_: request_stop())
     if not args.watch:
-        result = sync(args)
-        if not result.changed:
-            _log(f"up to date: '{args.model}' version {result.mlflow_version} is live as Triton version "
-                 f"{result.triton_version}")  # fmt: skip
-        return
-    _log(f"watching '{args.model}' alias '{args.alias}' every {args.interval:g} s (Ctrl-C stops)")
+        return 2 if sync_all(args, watching=False) else 0
+    names = ", ".join(f"'{model}'" for model in args.models)
+    _log(f"watching {names} alias '{args.alias}' every {args.interval:g} s (Ctrl-C stops)")
     while True:
         try:
-            result = sync(args)
+            sync_all(args, watching=True)
         except SyncStopped as exc:
             _log(str(exc))
-            return
+            return 0
         except RegistryError as exc:  # report and keep watching: the next round may succeed
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-        else:
-            if stop_requested():
-                _log(f"stopped: '{args.model}' version {result.mlflow_version} is live as Triton version "
-                     f"{result.triton_version}")  # fmt: skip
-                return
+            print(f"error: {first_line(exc)}", file=sys.stderr, flush=True)
         if stop_requested(wait=args.interval):
             _log("stopped")
-            return
+            return 0
 
 
 if __name__ == "__main__":

@@ -33,6 +33,8 @@ Options (Locust's custom arguments, also shown in the web UI):
   --split NAME        sub-folder of DATAROOT (default test)
   --samples N         inputs held in memory and cycled through (default 10)
   --web-pages LIST    with --model web: which pages' requests to send (default tryon,hair,edit)
+  --request-log FILE  append one line per request to FILE: completion time (Unix seconds), latency ms,
+                      1 if it failed else 0 (bench/soak.py computes its per-interval percentiles from it)
 --host is the Triton address (host:port; an http:// or grpc:// prefix is dropped); without it the
 embedded default is used: 127.0.0.1:8000 for http, 127.0.0.1:8001 for grpc (as quickstart.sh starts it).
 """
@@ -98,6 +100,11 @@ def _add_options(parser) -> None:
         default=",".join(WEB_PAGES),
         help=f"with --model {WEB_MODEL}: the pages whose requests to send (default {','.join(WEB_PAGES)})",
     )
+    group.add_argument(
+        "--request-log",
+        default="",
+        help="append 'time latency_ms failed' per request to this file (default: none)",
+    )
 
 
 @events.init.add_listener
@@ -106,6 +113,22 @@ def _pick_user_class(environment, **_) -> None:
     options = environment.parsed_options
     wanted = WebUser if options is not None and options.model == WEB_MODEL else TritonUser
     environment.user_classes[:] = [wanted]
+
+
+@events.init.add_listener
+def _open_request_log(environment, **_) -> None:
+    """--request-log: every request's completion time, latency and outcome, one line each, written as it
+    completes (line-buffered), so a reader sees the requests of each interval while the test runs."""
+    options = environment.parsed_options
+    if options is None or not options.request_log:
+        return
+    log = open(options.request_log, "a", buffering=1)  # noqa: SIM115 (open for the whole test)
+
+    def write(response_time: float, exception: BaseException | None, **_) -> None:
+        log.write(f"{time.time():.3f} {response_time:.3f} {int(exception is not None)}\n")
+
+    environment.events.request.add_listener(write)
+    environment.events.quitting.add_listener(lambda **_: log.close())
 
 
 def triton_address(host: str | None, protocol: str) -> str:

@@ -7,12 +7,17 @@ Small configurations (8-channel classifier, 16x16 generator, random-init), one M
 for the module; the tests share them and each leaves the fp32 versions promoted and served.
 """
 
+import json
+import os
 import shutil
+import signal
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import tritonclient.grpc as grpcclient
 
 from fashionserve import registry
 from fashionserve.catalogue.bundle import (
@@ -29,10 +34,12 @@ from fashionserve.catalogue.quantize import GeneratorQuantizeOptions, quantize_g
 from fashionserve.catalogue.samples import draw_product_photo
 from fashionserve.catalogue.stages import ClassifierServing, GarmentPreprocess, PGGANPostprocess
 from fashionserve.client import TritonModelClient
+from fashionserve.launcher import TritonServer
 from fashionserve.quantization import open_session
-from fashionserve.sync import LIVE_TAG, SyncResult, sync_once
+from fashionserve.sync import LIVE_TAG, STATE_FILE, SyncResult, sync_once
 from tests import test_mlflow
 from tests.conftest import one_line_error, run_cli
+from tests.test_faults_sync import STOP_TIMEOUT_S, SyncProcess
 
 CLASSIFIER_CONFIG = ClassifierConfig(width=8, hidden=32)
 GENERATOR_CONFIG = PGGANConfig(latent_dim=24, depth_scale0=16, depth_other_scales=(16, 8))  # 16x16
@@ -173,6 +180,17 @@ def test_both_pipelines_are_promoted_synced_and_served_side_by_side(
         assert not sync_api(client, served, name).changed
 
 
+def test_a_model_that_fails_does_not_keep_the_others_from_being_synced(mlflow_server, served, versions):
+    """One sync run for several models: the one without a registered version is one `error:` line and
+    exit 2; the others are still synced (here: already live, so up to date)."""
+    result = sync(mlflow_server, served, "no_such_model", "--model", CLASSIFIER, "--model", GENERATOR)
+    one_line_error(result, "'no_such_model'")
+    assert [line.split(" version ")[0] for line in result.stdout.splitlines()] == [
+        f"up to date: '{CLASSIFIER}'",
+        f"up to date: '{GENERATOR}'",
+    ], result.stdout
+
+
 def sync_api(client, served, name: str, variant: str = "fp32") -> SyncResult:
     return sync_once(client, name, served.repository, served.http_url, variant=variant, log=lambda _: None)
 
@@ -216,3 +234,66 @@ def test_an_swd_gate_failed_generator_needs_force_then_serves_its_variant(
         sync_api(client, served, GENERATOR)
     assert live_version(client, GENERATOR) == versions[GENERATOR]
     assert live_version(client, CLASSIFIER) == versions[CLASSIFIER]  # the other pipeline was untouched
+
+
+# ---------------------------------------------------------------------------------------------------
+# One sync process for both models (as compose and k8s run it)
+
+
+def served_labels(triton: TritonServer, ensemble: str) -> dict[str, str]:
+    """The parameters sync wrote into the loaded ensemble's config, as any client reads them (gRPC)."""
+    connection = grpcclient.InferenceServerClient(triton.grpc_url)
+    try:
+        config = connection.get_model_config(ensemble, as_json=True)["config"]
+    finally:
+        connection.close()
+    return {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+
+
+def test_one_watching_sync_serves_both_models_and_swaps_each_live(
+    mlflow_server, client, versions, bundles, tmp_path
+):
+    """`mlflow/sync.py --model A --model B --watch` on an empty repository: both go live, one state file
+    records both, a promotion of one swaps only that one (its answers stay right), SIGTERM stops it."""
+    for name, version in versions.items():
+        registry.promote(client, name, version)
+    (tmp_path / "served").mkdir()
+    with TritonServer(repository=tmp_path / "served", model_control="explicit") as triton:
+        command = [
+            sys.executable, "mlflow/sync.py", "--model", CLASSIFIER, "--model", GENERATOR,
+            "--repository", str(triton.repository), "--triton-url", triton.http_url,
+            "--tracking-uri", mlflow_server.url, "--watch", "--interval", "1",
+        ]  # fmt: skip
+        watcher = SyncProcess(command, dict(os.environ))
+        try:
+            watcher.wait_for(f"live: {GENERATOR} version {versions[GENERATOR]} as Triton version 1")
+            assert any(
+                f"live: {CLASSIFIER} version {versions[CLASSIFIER]} " in line for line in watcher.lines
+            )
+            state = json.loads((triton.repository / STATE_FILE).read_text())
+            assert {name: entry["mlflow_version"] for name, entry in state.items()} == versions
+            assert all(live_version(client, name) == version for name, version in versions.items())
+            for name, version in versions.items():  # what the web app's status line reads
+                assert served_labels(triton, name) == {
+                    "registered_model": name, "registered_version": version, "random_init": "true",
+                }  # fmt: skip
+            z = latents()
+            generated = generate(triton, z)
+
+            # A new classifier version (the same bundle registered again) goes live; the generator stays.
+            second = registry.register_bundle(client, bundles[CLASSIFIER], log=lambda _: None).version
+            registry.promote(client, CLASSIFIER, second)
+            watcher.wait_for(f"live: {CLASSIFIER} version {second} as Triton version 2")
+            assert served_labels(triton, CLASSIFIER)["registered_version"] == second
+            assert served_labels(triton, GENERATOR)["registered_version"] == versions[GENERATOR]
+            state = json.loads((triton.repository / STATE_FILE).read_text())
+            assert (state[CLASSIFIER]["triton_version"], state[GENERATOR]["triton_version"]) == (2, 1)
+            assert np.array_equal(generate(triton, z), generated)
+            photos, answers = classify(triton)
+            assert [a["probabilities"].shape[0] for a in answers] == [len(p) for p in photos]
+            watcher.process.send_signal(signal.SIGTERM)
+            assert watcher.finish(STOP_TIMEOUT_S) == 0
+        finally:
+            watcher.finish(10)
+            registry.promote(client, CLASSIFIER, versions[CLASSIFIER])  # as the other tests left it
+    assert watcher.lines[-1].startswith("stopped") and "error" not in "".join(watcher.lines), watcher.lines

@@ -54,7 +54,7 @@ MIN_SYNC_GRACE_S = 120
 TRITON_CLIENT_LABEL = "fashionserve.io/triton-client"
 K8S_PODS = [
     ("Deployment", "mlflow"), ("Deployment", "triton"), ("StatefulSet", "postgres"), ("StatefulSet", "minio"),
-    ("Job", "bootstrap"), ("Job", "minio-bucket"),
+    ("Job", "bootstrap"), ("Job", "minio-bucket"), ("Deployment", "web"),
 ]  # fmt: skip
 # compose: who may share a network with whom (a shared network is the only way in)
 COMPOSE_TOOLS = {"bootstrap", "plan-builder", "sync"}
@@ -118,6 +118,43 @@ def image_problems(image: str, where: str) -> list[str]:
 def flag(args: list[str], name: str) -> str | None:
     """Value of `--name=value` in a command line; the last one wins, as in argparse."""
     return next((arg.split("=", 1)[1] for arg in reversed(args) if arg.startswith(f"--{name}=")), None)
+
+
+def flags(args: list[str], name: str) -> list[str]:
+    """Every value of a repeated `--name=value` option (argparse's append), in order."""
+    return [arg.split("=", 1)[1] for arg in args if arg.startswith(f"--{name}=")]
+
+
+def registered_by_bootstrap(command: list[str]) -> list[str]:
+    """The registered models deploy/bootstrap.py gives a promoted version when run as `command`."""
+    bootstrap = load_script("deploy/bootstrap.py")
+    return [*(bootstrap.CATALOGUE_MODELS if "--catalogue" in command else ()), bootstrap.MODEL]
+
+
+def served_models_problems(
+    bootstrap: list[str], sync: list[str], plan_builder: list[str], where: str
+) -> list[str]:
+    """Sync serves every model the bootstrap registers (each one in model_repository/), and the plan
+    builder builds plans for exactly the models sync serves."""
+    served = flags(sync, "model") or ["tryon"]  # sync's default
+    problems = [
+        f"{where}: sync serves {model}, which is not in model_repository/"
+        for model in served
+        if model not in model_names()
+    ]
+    problems += [
+        f"{where}: sync does not serve {model}, which bootstrap registers"
+        for model in registered_by_bootstrap(bootstrap)
+        if model not in served
+    ]
+    built = flags(plan_builder, "model") or ["tryon"]
+    problems += [
+        f"{where}: plan-builder does not build for {m}, which sync serves" for m in served if m not in built
+    ]
+    problems += [
+        f"{where}: plan-builder builds for {m}, which sync does not serve" for m in built if m not in served
+    ]
+    return problems
 
 
 def probe_problems(path: str, where: str) -> list[str]:
@@ -209,12 +246,11 @@ def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str
     sync = services.get("sync", {}).get("command", [])
     if flag(sync, "triton-url") != f"triton:{TRITON_PORTS['http']}":
         problems.append("sync does not talk to Triton's HTTP port")
-    if flag(sync, "model") not in model_names():
-        problems.append(f"sync serves {flag(sync, 'model')}, which is not in model_repository/")
-    for name, args in [
-        ("sync", sync),
-        ("plan-builder", services.get("plan-builder", {}).get("entrypoint", [])),
-    ]:
+    plan_builder = services.get("plan-builder", {})
+    plan_builder_args = (plan_builder.get("entrypoint") or []) + (plan_builder.get("command") or [])
+    bootstrap = services.get("bootstrap", {}).get("command", [])
+    problems += served_models_problems(bootstrap, sync, plan_builder_args, "compose")
+    for name, args in [("sync", sync), ("plan-builder", plan_builder_args)]:
         if flag(args, "variant") not in PRECISIONS:
             problems.append(f"{name} serves variant {flag(args, 'variant')}, not one of {PRECISIONS}")
     problems += compose_isolation_problems(compose, values)
@@ -230,8 +266,8 @@ def compose_problems(compose_text: str, env_example: dict[str, str]) -> list[str
 
 
 def compose_web_problems(services: dict) -> list[str]:
-    """The web app talks to Triton's gRPC port, reads the sync state where sync writes it (read-only),
-    and its port, published port and healthcheck agree."""
+    """The web app talks to Triton's gRPC port and nothing else (the live versions come from Triton: no
+    MLflow, no models volume), and its port, published port and healthcheck agree."""
     web = services.get("web", {})
     command = web.get("command", [])
     problems = (
@@ -241,14 +277,12 @@ def compose_web_problems(services: dict) -> list[str]:
         problems.append(f"web talks to Triton at {flag(command, 'triton')}, not its gRPC port")
     if "triton" not in web.get("depends_on", {}):
         problems.append("web does not wait for triton")
-    mounts = {v.split(":")[1]: v for v in web.get("volumes", []) if v.split(":")[0] == "models"}
-    sync_repository = flag(services.get("sync", {}).get("command", []), "repository")
-    if flag(command, "repository") not in mounts or flag(command, "repository") != sync_repository:
-        problems.append("web's --repository is not the models volume sync writes")
-    elif not mounts[flag(command, "repository")].endswith(":ro"):
-        problems.append("web mounts the models volume writable")
-    if flag(command, "mlflow-uri") is not None:
-        problems.append("web reads MLflow, which answers the tools only: its status comes from --repository")
+    if web.get("volumes"):
+        problems.append(
+            f"web mounts {web['volumes']}: it needs no volume (the live versions come from Triton)"
+        )
+    if flag(command, "mlflow-uri") is not None or "MLFLOW_TRACKING_URI" in (web.get("environment") or {}):
+        problems.append("web reads MLflow, which answers the tools only: its status comes from Triton")
     port = flag(command, "port")
     if not any(p.endswith(f":{port}") for p in web.get("ports", [])):
         problems.append(f"web listens on {port}, which is not published")
@@ -379,19 +413,35 @@ BROKEN_COMPOSE = {
         ("--triton-url=triton:8000", "--triton-url=triton:8001"),
         "sync does not talk to Triton's HTTP",
     ),
-    "unknown model": (("--model=tryon", "--model=tryon_v2"), "sync serves tryon_v2"),
-    "web on Triton's HTTP port": (("--triton=triton:8001", "--triton=triton:8000"), "not its gRPC port"),
-    "web reads another folder": (
-        ("- --repository=/models  #", "- --repository=/srv  #"),
-        "web's --repository is not the models volume",
+    "unknown model": (
+        (
+            "--interval=${SYNC_INTERVAL:-10}\n      - --model=tryon\n",
+            "--interval=${SYNC_INTERVAL:-10}\n      - --model=tryon_v2\n",
+        ),
+        "sync serves tryon_v2",
     ),
+    "sync forgets the catalogue": (
+        ("      - --model=garment_classifier  # the shipped catalogue models (bootstrap --catalogue)\n", ""),
+        "compose: sync does not serve garment_classifier, which bootstrap registers",
+    ),
+    "plan builder forgets the catalogue": (
+        ("      - --model=fashion_generator\n", ""),  # the first: plan-builder's
+        "compose: plan-builder does not build for fashion_generator, which sync serves",
+    ),
+    "web on Triton's HTTP port": (("--triton=triton:8001", "--triton=triton:8000"), "not its gRPC port"),
     "web reads MLflow": (
-        ("- --repository=/models  #", "- --mlflow-uri=http://mlflow:5000\n      - --repository=/models  #"),
+        (
+            "      - --triton=triton:8001\n",
+            "      - --triton=triton:8001\n      - --mlflow-uri=http://mlflow:5000\n",
+        ),
         "web reads MLflow",
     ),
-    "web may write the models": (
-        ("- models:/models:ro", "- models:/models"),
-        "mounts the models volume writable",
+    "web mounts the models": (
+        (
+            '    ports:\n      - "${BIND_ADDRESS:-127.0.0.1}:${WEB_PORT',
+            '    volumes: [models:/models:ro]\n    ports:\n      - "${BIND_ADDRESS:-127.0.0.1}:${WEB_PORT',
+        ),
+        "web mounts ['models:/models:ro']",
     ),
     "web port not published": (("${WEB_PORT:-8080}:8080", "${WEB_PORT:-8080}:8081"), "web listens on 8080"),
     "plans elsewhere": (
@@ -560,8 +610,14 @@ def k8s_problems(docs: list[dict]) -> list[str]:
         ):
             problems.append(f"triton {probe} does not ask {path} on the HTTP port: {get}")
     sync = containers.get("sync", {}).get("command", [])
-    if flag(sync, "triton-url") != f"127.0.0.1:{TRITON_PORTS['http']}" or flag(sync, "model") != SERVED_MODEL:
-        problems.append("the sync sidecar does not serve tryon through Triton's HTTP port")
+    if flag(sync, "triton-url") != f"127.0.0.1:{TRITON_PORTS['http']}":
+        problems.append("the sync sidecar does not talk to Triton's HTTP port")
+    jobs = dict(pod_specs(docs))
+    bootstrap = [c for c in jobs.get("Job/bootstrap", {}).get("containers", []) if c["name"] == "bootstrap"]
+    plan_builder = containers.get("plan-builder", {}).get("command", [])
+    problems += served_models_problems(
+        bootstrap[0]["command"] if bootstrap else [], sync, plan_builder, "k8s"
+    )
     mounts = {
         name: {m["name"]: m["mountPath"] for m in c.get("volumeMounts", [])} for name, c in containers.items()
     }
@@ -637,6 +693,31 @@ def admits(
     )
 
 
+def egress_admits(docs: list[dict], source: dict[str, str], target: dict[str, str], port: int) -> bool:
+    """Whether the NetworkPolicies let a pod labelled `source` open a connection to `port` of a pod of
+    this namespace labelled `target` (egress side only)."""
+    policies = [
+        d["spec"] for d in docs
+        if d["kind"] == "NetworkPolicy" and "Egress" in d["spec"].get("policyTypes", [])
+        and _matches(d["spec"]["podSelector"], source)
+    ]  # fmt: skip
+    if not policies:
+        return True
+
+    def peer_admits(peer: dict) -> bool:
+        if "ipBlock" in peer:
+            return True
+        namespace_ok = "namespaceSelector" not in peer or _matches(peer["namespaceSelector"], {})
+        return namespace_ok and _matches(peer.get("podSelector", {}), target)
+
+    return any(
+        (not rule.get("to") or any(peer_admits(peer) for peer in rule["to"]))
+        and (not rule.get("ports") or any(p.get("port") == port for p in rule["ports"]))
+        for policy in policies
+        for rule in policy.get("egress", [])
+    )
+
+
 def pod_labels(docs: list[dict], kind: str, name: str) -> dict[str, str]:
     return find(docs, kind, name).get("spec", {}).get("template", {}).get("metadata", {}).get("labels", {})
 
@@ -659,6 +740,7 @@ def k8s_isolation_problems(docs: list[dict]) -> list[str]:
         *(("mlflow", 5000, pods[tool], False, True) for tool in ("bootstrap", "triton")),
         ("mlflow", 5000, stranger, False, False),
         ("mlflow", 5000, client, False, False),
+        ("mlflow", 5000, pods["web"], False, False),  # its status line reads Triton, not MLflow
         ("mlflow", 5000, pods["bootstrap"], True, False),
         *(
             (store, port, pods["mlflow"], False, True)
@@ -682,6 +764,11 @@ def k8s_isolation_problems(docs: list[dict]) -> list[str]:
             verb = "refuses" if expected else "admits"
             problems.append(f"{target}:{port} {verb} a pod labelled {source} from {where}")
 
+    for target, port, expected in [("triton", 8001, True), ("triton", 8000, False), ("mlflow", 5000, False)]:
+        if egress_admits(docs, pods["web"], pods[target], port) != expected:
+            verb = "may not" if expected else "may"
+            problems.append(f"web pods {verb} connect to {target}:{port}")
+
     spec = find(docs, "Deployment", "triton").get("spec", {}).get("template", {}).get("spec", {})
     containers = {c["name"]: c for c in spec.get("containers", [])}
 
@@ -704,7 +791,8 @@ def k8s_isolation_problems(docs: list[dict]) -> list[str]:
 
 
 def k8s_web_problems(docs: list[dict], services: dict, triton_ports: dict) -> list[str]:
-    """The web Deployment talks to the triton Service's gRPC port; its Service and probes reach it."""
+    """The web Deployment talks to the triton Service's gRPC port and not to MLflow; its Service and
+    probes reach it."""
     spec = find(docs, "Deployment", "web").get("spec", {}).get("template", {}).get("spec", {})
     web = next((c for c in spec.get("containers", []) if c["name"] == "web"), {})
     command = web.get("command", [])
@@ -721,6 +809,10 @@ def k8s_web_problems(docs: list[dict], services: dict, triton_ports: dict) -> li
         problems.append(
             f"web listens on {flag(command, 'host')}:{flag(command, 'port')}, not its port {ports}"
         )
+    if flag(command, "mlflow-uri") is not None or any(
+        e["name"] == "MLFLOW_TRACKING_URI" for e in web.get("env", [])
+    ):
+        problems.append("web reads MLflow, which answers the tools only: its status comes from Triton")
     for probe in ("readinessProbe", "livenessProbe"):
         if web.get(probe, {}).get("httpGet") != {"path": "/healthz", "port": "http"}:
             problems.append(f"web {probe} does not ask /healthz on its port")
@@ -915,6 +1007,32 @@ BROKEN_K8S = {
         ),
         "from another namespace",
     ),
+    "web labelled as an MLflow client": (
+        lambda d: pod_labels(d, "Deployment", "web").update({"fashionserve.io/mlflow-client": "true"}),
+        "mlflow:5000 admits a pod labelled {'app.kubernetes.io/name': 'web'",
+    ),
+    "web reads MLflow": (
+        lambda d: _container(d, "Deployment", "web", "web")["command"].append(
+            "--mlflow-uri=http://mlflow:5000"
+        ),
+        "web reads MLflow",
+    ),
+    "web egress open": (
+        lambda d: find(d, "NetworkPolicy", "web")["spec"].update(policyTypes=["Ingress"]),
+        "web pods may connect to mlflow:5000",
+    ),
+    "web egress without Triton": (
+        lambda d: find(d, "NetworkPolicy", "web")["spec"]["egress"].pop(0),
+        "web pods may not connect to triton:8001",
+    ),
+    "sidecar forgets the catalogue": (
+        lambda d: _triton_container(d, "sync")["command"].remove("--model=garment_classifier"),
+        "k8s: sync does not serve garment_classifier, which bootstrap registers",
+    ),
+    "plan builder forgets the catalogue": (
+        lambda d: _triton_container(d, "plan-builder")["command"].remove("--model=fashion_generator"),
+        "k8s: plan-builder does not build for fashion_generator, which sync serves",
+    ),
     "sidecar not an MLflow client": (
         lambda d: pod_labels(d, "Deployment", "triton").pop("fashionserve.io/mlflow-client"),
         "mlflow:5000 refuses a pod labelled {'app.kubernetes.io/name': 'triton'",
@@ -1014,8 +1132,19 @@ def test_the_stack_commands_are_accepted_by_the_clis(source, env_example):
             2,
             [f"error: cannot reach MLflow at {dead}: [Errno 111] Connection refused"],
         ), name
-    result = run_cli(*commands["plan-builder"], "--version", "3", timeout=120)
+    result = run_cli(*commands["plan-builder"], timeout=120)
     assert result.returncode == 2 and "error: TensorRT is not installed" in result.stderr, result.stderr
+
+
+def test_the_plan_builder_takes_a_version_of_one_model(env_example):
+    """`docker compose run --rm plan-builder --model tryon --version N` (the command replaced), as
+    docs/deploy.md says; a version with several models is refused (it names one model's version)."""
+    values = {**env_example, "POSTGRES_PASSWORD": "x", "MINIO_ROOT_PASSWORD": "x"}
+    entrypoint = load_compose(COMPOSE_FILE.read_text(), values)["services"]["plan-builder"]["entrypoint"]
+    result = run_cli(*entrypoint[1:], "--model", "tryon", "--version", "3", timeout=120)
+    assert result.returncode == 2 and "error: TensorRT is not installed" in result.stderr, result.stderr
+    two = run_cli(*entrypoint[1:], "--model", "tryon", "--model", "hair", "--version", "3", timeout=120)
+    assert two.returncode == 2 and "give one --model with it" in two.stderr.splitlines()[-1], two.stderr
 
 
 @pytest.mark.parametrize("source", ["compose", "k8s"])
@@ -1029,7 +1158,7 @@ def test_the_web_command_is_accepted(source, env_example):
         docs = render("production")
         web = _container(docs, "Deployment", "web", "web")
         settings = find(docs, "ConfigMap", "fashionserve-settings")["data"]
-        env = {e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]] for e in web["env"]}
+        env = {e["name"]: settings[e["valueFrom"]["configMapKeyRef"]["key"]] for e in web.get("env", [])}
         command = [expand_k8s_variables(arg, env) for arg in web["command"]]
     result = run_cli(*command[1:], "--dataroot=/nonexistent", timeout=120)
     assert (result.returncode, result.stderr.splitlines()) == (

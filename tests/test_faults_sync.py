@@ -6,6 +6,8 @@ model control) under a request loop:
 - sync killed (SIGKILL) or stopped (SIGTERM, --watch) at several moments of a swap: no request fails,
   no request mixes versions, no file is left in the temp folder or the repository, and the next sync
   serves the promoted version;
+- one sync process for two registered models: a swap of one, killed mid-way, is still rolled back when
+  the other model is synced first;
 - Triton killed and restarted: sync serves the promoted version again.
 
 The small fashion generator (16x16 images, two composing models) keeps each swap to seconds; two seeds
@@ -27,7 +29,14 @@ import pytest
 
 from fashionserve import registry
 from fashionserve import sync as live
-from fashionserve.catalogue.bundle import export_generator_bundle, load_fashion_generator
+from fashionserve.catalogue.bundle import (
+    CLASSIFIER,
+    export_classifier_bundle,
+    export_generator_bundle,
+    load_fashion_generator,
+    load_garment_classifier,
+)
+from fashionserve.catalogue.networks.classifier import ClassifierConfig
 from fashionserve.catalogue.networks.pggan import PGGANConfig
 from fashionserve.client import TritonModelClient
 from fashionserve.launcher import TritonServer
@@ -400,6 +409,76 @@ def test_a_load_that_times_out_is_one_line_and_rolled_back(
     assert sync(served, mlflow_server, temp).returncode == 0
     assert serving(served, outputs, latents) == target
     assert_clean(served, root, temp)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Several registered models in one repository, one sync process
+
+# A sync killed (os._exit, as kill -9) between writing the new ensemble config and asking Triton to load
+# it: the version dirs and the config are in place, the old config kept beside it, the journal pending.
+KILLED_BEFORE_THE_SWITCH = """
+import os, sys
+from pathlib import Path
+from fashionserve import registry, sync as live
+
+mlflow_url, model, repository, triton_url = sys.argv[1:]
+switching = []
+original = live.TritonControl.load
+
+def log(line):
+    print(line, flush=True)
+    if line.startswith("switching the ensembles"):
+        switching.append(line)
+
+def load(self, name):
+    if switching:
+        os._exit(137)
+    return original(self, name)
+
+live.TritonControl.load = load
+live.sync_once(registry.connect(mlflow_url), model, Path(repository), triton_url, log=log)
+"""
+
+
+def test_a_sync_of_another_model_keeps_an_unfinished_swap_recoverable(
+    mlflow_server, client, served, versions, outputs, root, temp, latents, tmp_path
+):
+    """One process syncs garment_classifier, then fashion_generator, into one repository. A killed swap
+    of fashion_generator keeps its old ensemble config beside the new one; the classifier's sync, which
+    runs first, must leave it, so the generator's own sync can roll the swap back: no request fails."""
+    network, provenance = load_garment_classifier(None, ClassifierConfig(width=8, hidden=32), 3)
+    export_classifier_bundle(network, provenance, tmp_path / CLASSIFIER, log=lambda _: None)
+    classifier = registry.register_bundle(client, tmp_path / CLASSIFIER, log=lambda _: None).version
+    registry.promote(client, CLASSIFIER, classifier)
+    first = serving(served, outputs, latents)
+    target = "B" if first == "A" else "A"
+    registry.promote(client, MODEL, versions[target])
+    killed = subprocess.run(
+        [sys.executable, "-c", KILLED_BEFORE_THE_SWITCH, mlflow_server.url, MODEL, str(served.repository),
+         served.http_url],
+        cwd=PROJECT_ROOT, env=sync_env(temp), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert killed.returncode == 137, (killed.stdout, killed.stderr)
+    assert "pending" in state(served) and (served.repository / MODEL / live.CONFIG_BACKUP).is_file()
+    assert serving(served, outputs, latents) == first  # Triton was never asked to switch
+    command = sync_command(served, mlflow_server)
+    command[2:2] = ["--model", CLASSIFIER]  # before the generator's: the classifier is synced first
+    with traffic_on(served, latents) as traffic:
+        time.sleep(0.5)
+        result = subprocess.run(
+            command,
+            cwd=PROJECT_ROOT, env=sync_env(temp), capture_output=True, text=True, timeout=300, check=False,
+        )  # fmt: skip
+        time.sleep(0.5)
+    failed = len(traffic.failures)
+    print(f"\none sync of both models repaired it: {len(traffic.results)} requests, {failed} failed")
+    assert result.returncode == 0, (result.stdout, result.stderr)
+    assert "rolled back Triton version" in result.stdout, result.stdout
+    assert serving(served, outputs, latents) == target
+    assert_one_version_per_request(traffic, outputs, first)
+    assert_clean(served, root, temp)
+    synced = json.loads((served.repository / live.STATE_FILE).read_text())
+    assert synced[CLASSIFIER]["mlflow_version"] == classifier and "pending" not in synced[CLASSIFIER]
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -21,9 +21,11 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
 from PIL import Image
 from scipy import ndimage
 from skimage.data import astronaut
+from tritonclient.utils import InferenceServerException
 
 from fashionserve import registry
 from fashionserve.client import TritonModelClient
@@ -34,7 +36,7 @@ from fashionserve.hair.samples import sample_direction, sample_portraits
 from fashionserve.launcher import TritonServer
 from fashionserve.mlflow_server import MlflowServer
 from fashionserve.processes import free_ports, wait_until
-from fashionserve.sync import sync_once
+from fashionserve.sync import ADMIN_HEADER, sync_once
 from fashionserve.tryon.dataset import load_tryon_inputs, read_pairs
 from tests.conftest import PROJECT_ROOT, TEST_CONFIG
 from tests.test_hair_pipeline import CONFIG as HAIR_CONFIG
@@ -50,23 +52,36 @@ SCREENSHOTS = os.environ.get("WEB_SCREENSHOTS")
 # The stack: MLflow -> sync -> Triton (explicit model control) <- web app
 
 
+ADMIN_KEY = "web-test-admin-key"
+# Triton's repository API (index, load, unload) answers the admin key only, as compose and k8s run it:
+# the web app must not need it.
+RESTRICTED = [
+    f"--{option}=model-repository,shared-memory,trace,logging:{ADMIN_HEADER}={ADMIN_KEY}"
+    for option in ("http-restricted-api", "grpc-restricted-protocol")
+]
+
+
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, tryon_bundle):
     """Triton serving `tryon` and `hair` (transfer, edit) as version 1 of each registered model, synced
-    from MLflow, as the quick start serves them. Yields (triton, mlflow url)."""
+    from MLflow, its model control restricted to the admin key as in compose and k8s. Yields (triton,
+    mlflow url)."""
     root = tmp_path_factory.mktemp("web-stack")
     checkpoints = write_checkpoints(root / "checkpoints", seed=1)  # parsers that find hair
     hair, provenance = load_hair_networks(HAIR_CONFIG, *checkpoints, None, seed=0)
     export_hair_bundle(hair, provenance, root / "hair", log=lambda _: None)
+    served = tmp_path_factory.mktemp("served")
     with (
         MlflowServer(root=root / "mlflow") as mlflow_server,
-        TritonServer(repository=tmp_path_factory.mktemp("served"), model_control="explicit") as triton,
+        TritonServer(repository=served, model_control="explicit", extra_args=RESTRICTED) as triton,
     ):
         client = registry.connect(mlflow_server.url)
         for name, bundle in (("tryon", tryon_bundle[0]), ("hair", root / "hair")):
             version = registry.register_bundle(client, bundle, log=lambda _: None)
             registry.promote(client, name, version.version)
-            sync_once(client, name, triton.repository, triton.http_url, log=lambda _: None)
+            sync_once(
+                client, name, triton.repository, triton.http_url, log=lambda _: None, admin_key=ADMIN_KEY
+            )
         yield triton, mlflow_server.url
 
 
@@ -100,8 +115,7 @@ def web(stack, samples_dir, tmp_path_factory):
     triton, mlflow_url = stack
     log = tmp_path_factory.mktemp("web") / "web.log"
     with running_web(
-        log, "--triton", triton.grpc_url, "--dataroot", str(samples_dir), "--repository",
-        str(triton.repository), "--mlflow-uri", mlflow_url,
+        log, "--triton", triton.grpc_url, "--dataroot", str(samples_dir), "--mlflow-uri", mlflow_url,
     ) as url:  # fmt: skip
         yield url
 
@@ -341,6 +355,30 @@ def asgi_client(settings: Settings) -> httpx.AsyncClient:
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(settings)), base_url="http://web")
 
 
+def test_the_status_comes_from_triton_alone(stack, samples_dir):
+    """As compose and k8s run the app: no MLflow, no access to the served folder, Triton's repository
+    API refused; the registered versions still show, read from the loaded ensembles' configs."""
+
+    async def scenario():
+        async with asgi_client(Settings(triton_url=stack[0].grpc_url, dataroot=samples_dir)) as client:
+            return (await client.get("/api/status")).json()
+
+    status = asyncio.run(scenario())
+    assert status["reachable"] and status["ready"]
+    by_name = {e["name"]: e for e in status["ensembles"]}
+    for ensemble in by_name.values():
+        assert (ensemble["ready"], ensemble["triton_version"], ensemble["registered_version"]) == (
+            True,
+            1,
+            "1",
+        )
+        assert ensemble["production_version"] is None
+    assert [by_name[name]["random_init"] for name in ("tryon", "hair_transfer", "hair_edit")] == [
+        True, False, False,
+    ]  # fmt: skip
+    assert by_name["hair_edit"]["registered_model"] == "hair"
+
+
 def test_server_down_is_a_readable_message(samples_dir):
     (port,) = free_ports(1)  # nothing listens there
 
@@ -551,7 +589,11 @@ def test_a_model_that_is_not_loaded_is_named(browser, web, stack):
     from selenium.webdriver.common.by import By
 
     triton = grpcclient.InferenceServerClient(stack[0].grpc_url)
-    triton.unload_model("hair_edit")
+    with pytest.raises(InferenceServerException, match="restricted"):  # as the web app would be
+        triton.get_model_repository_index()
+    control = httpclient.InferenceServerClient(stack[0].http_url)  # as sync: HTTP, with the admin key
+    admin = {ADMIN_HEADER: ADMIN_KEY}
+    control.unload_model("hair_edit", headers=admin)
     try:
         assert wait_until(lambda: not triton.is_model_ready("hair_edit"), 30)
         browser.get(f"{web}/edit")
@@ -564,7 +606,8 @@ def test_a_model_that_is_not_loaded_is_named(browser, web, stack):
         )
         wait_for(browser, lambda d: "edit: not loaded" in d.find_element(By.ID, "status").text, timeout=20)
     finally:
-        triton.load_model("hair_edit")
+        control.load_model("hair_edit", headers=admin)
+        control.close()
         triton.close()
     status = json.loads(httpx.get(f"{web}/api/status").text)
     assert {e["name"]: e["ready"] for e in status["ensembles"]}["hair_edit"]

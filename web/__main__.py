@@ -5,8 +5,8 @@ VITON-HD-layout folder (--dataroot), or takes an uploaded garment photo; the hai
 uploaded square, face-aligned portrait or one of the drawn samples. Uploads stay in memory.
 
 Examples:
-  python -m web --triton 127.0.0.1:8001 --dataroot work/samples --repository work/served
-  python -m web --triton triton:8001 --mlflow-uri http://mlflow:5000 --host 0.0.0.0 --port 8080
+  python -m web --triton 127.0.0.1:8001 --dataroot work/samples --mlflow-uri http://127.0.0.1:5000
+  python -m web --triton triton:8001 --host 0.0.0.0 --port 8080
 """
 
 import argparse
@@ -38,16 +38,10 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--split", default="test", help="sub-folder of --dataroot (default test)")
     parser.add_argument(
-        "--repository",
-        type=Path,
-        help="the folder Triton serves, written by mlflow/sync.py: the status line names the registered "
-        "versions its sync state records",
-    )
-    parser.add_argument(
         "--mlflow-uri",
         default=os.environ.get("MLFLOW_TRACKING_URI"),
-        help="MLflow tracking server: the status line shows the version holding 'production' and, "
-        "without --repository, the live version sync tagged (default: $MLFLOW_TRACKING_URI, if set)",
+        help="MLflow tracking server: the status line also shows the version holding 'production' (the "
+        "live versions come from Triton; default: $MLFLOW_TRACKING_URI, if set)",
     )
     parser.add_argument("--directions", type=Path, help="folder of .npy latent directions for the edit page")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default %(default)s)")
@@ -81,7 +75,6 @@ def main() -> None:
             triton_url=args.triton,
             dataroot=args.dataroot or Path(samples),
             split=args.split,
-            repository=args.repository,
             mlflow_uri=args.mlflow_uri,
             directions=args.directions,
             limits=limits,

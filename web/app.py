@@ -59,8 +59,7 @@ class Settings:
     triton_url: str
     dataroot: Path | None = None  # a VITON-HD-layout folder: the persons and garments to pick from
     split: str = "test"
-    repository: Path | None = None  # the served repository (the sync state file names the versions)
-    mlflow_uri: str | None = None
+    mlflow_uri: str | None = None  # MLflow: the status line also shows where 'production' points
     directions: Path | None = None  # folder of .npy latent directions for the edit page
     limits: UploadLimits = field(default_factory=UploadLimits)
     timeout_s: float = 300.0
@@ -219,7 +218,7 @@ def create_app(settings: Settings) -> FastAPI:
     models = Models(settings)
     catalogue = Catalogue(settings.dataroot, settings.split)
     faces = Faces()
-    status = StatusReader(models.connection, settings.triton_url, settings.repository, settings.mlflow_uri)
+    status = StatusReader(models.connection, settings.triton_url, settings.mlflow_uri)
     limits = settings.limits
     app.state.models = models
     app.router.add_event_handler("shutdown", models.close)

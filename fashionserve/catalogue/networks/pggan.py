@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashionserve.checkpoints import CheckpointError, load_strict
+from fashionserve.onnx_export import rsqrt_with_epsilon
 
 DEPTH_SCALES = (512, 512, 512, 512, 256, 128, 64, 32, 16)  # zoo default depths for 4x4 ... 1024x1024
 ZOO_CONFIG_CLASS = "models.utils.config.BaseConfig"  # what a zoo checkpoint pickles as its config
@@ -103,13 +104,7 @@ class EqualizedLayer(nn.Module):
 
 
 def _pixel_norm(x: Tensor) -> Tensor:
-    # The clamp changes nothing here (the sum is at least epsilon) but survives ONNX export: the torch
-    # dynamo exporter's optimizer (optimize=True) drops the Add of a constant as small as 1e-8, and an
-    # all-zero vector then came out NaN from the exported graph.
-    return (
-        x
-        * (x.square().mean(dim=1, keepdim=True) + _PIXEL_NORM_EPSILON).clamp_min(_PIXEL_NORM_EPSILON).rsqrt()
-    )
+    return x * rsqrt_with_epsilon(x.square().mean(dim=1, keepdim=True), _PIXEL_NORM_EPSILON)
 
 
 def _upscale(x: Tensor) -> Tensor:

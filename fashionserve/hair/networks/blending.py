@@ -27,12 +27,12 @@ from torch import Tensor, nn
 
 from fashionserve.checkpoints import CheckpointError, load_strict, read_checkpoint, state_dict_of
 from fashionserve.hair.networks.clip_image import ClipImageEncoder, load_clip_image_encoder
+from fashionserve.hair.networks.stylegan2 import pixel_norm
 
 BLEND_START_LAYER = 6  # S layers 0-5 (coarse: pose, shape) stay the face's; 6-17 are blended
 N_LATENT = 18  # W+ / S layers of the 1024 px StyleGAN2
 NUM_MODULATIONS = 5
 DELTA_SCALE = 0.1  # output = latent + 0.1 * delta
-PIXEL_NORM_EPS = 1e-8
 LAYER_NORM_EPS = 1e-5  # torch default, kept by the public modules
 LEAKY_SLOPE = 0.01  # nn.LeakyReLU default, used by the public modules
 SMOOTH_STEPS = 5  # hair_swap.py --smooth: dilation / erosion steps
@@ -100,8 +100,7 @@ class BlendingEncoder(nn.Module):
             ),
             dim=-1,
         )
-        # rosinality's PixelNorm: mean of squares over dim 1, here the layer axis
-        delta = latent_face * torch.rsqrt(latent_face.square().mean(dim=1, keepdim=True) + PIXEL_NORM_EPS)
+        delta = pixel_norm(latent_face)  # rosinality's PixelNorm: over dim 1, here the layer axis
         for module in self.modulation_module_list:
             delta = module(delta, condition)
         return latent_face + DELTA_SCALE * delta

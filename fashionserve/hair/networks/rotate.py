@@ -15,12 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from fashionserve.checkpoints import load_strict, read_checkpoint, state_dict_of
-from fashionserve.hair.networks.blending import (
-    DELTA_SCALE,
-    NUM_MODULATIONS,
-    PIXEL_NORM_EPS,
-    ModulationModule,
-)
+from fashionserve.hair.networks.blending import DELTA_SCALE, NUM_MODULATIONS, ModulationModule
+from fashionserve.hair.networks.stylegan2 import pixel_norm
 
 ROTATED_ENTRIES = 6  # W+ entries 0-5 carry pose; upstream slices [:, :6]
 
@@ -40,7 +36,7 @@ class RotateModel(nn.Module):
         source = latent_shape[:, :ROTATED_ENTRIES]
         condition = latent_face[:, :ROTATED_ENTRIES]
         # PixelNorm on dim 1 of [N, 6, width]: normalises across the 6 entries, as upstream does.
-        delta = source * torch.rsqrt(source.square().mean(dim=1, keepdim=True) + PIXEL_NORM_EPS)
+        delta = pixel_norm(source)
         for module in self.modulation_module_list:
             delta = module(delta, condition)
         return torch.cat([source + DELTA_SCALE * delta, latent_shape[:, ROTATED_ENTRIES:]], dim=1)

@@ -25,11 +25,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fashionserve.checkpoints import load_strict, read_checkpoint, state_dict_of
+from fashionserve.onnx_export import rsqrt_with_epsilon
 
 BLUR_TAPS = (1.0, 3.0, 3.0, 1.0)
 LEAKY_SLOPE = 0.2
 ACTIVATION_GAIN = math.sqrt(2.0)  # keeps the activation variance of leaky ReLU 0.2 near 1
 DEMODULATION_EPS = 1e-8
+PIXEL_NORM_EPS = 1e-8
 MAPPING_LR_MUL = 0.01
 MAX_SIZE = 1024  # the reference channel table ends at 1024
 
@@ -48,11 +50,16 @@ def fused_leaky_relu(x: Tensor, bias: Tensor) -> Tensor:
     return F.leaky_relu(x + bias.view(shape), LEAKY_SLOPE) * ACTIVATION_GAIN
 
 
+def pixel_norm(x: Tensor) -> Tensor:
+    """x / sqrt(mean(x^2 over dim 1) + 1e-8); on a [N, L, C] W+ latent dim 1 is the layer axis."""
+    return x * rsqrt_with_epsilon(x.square().mean(dim=1, keepdim=True), PIXEL_NORM_EPS)
+
+
 class PixelNorm(nn.Module):
-    """x / sqrt(mean(x^2 over dim 1) + 1e-8)."""
+    """rosinality's PixelNorm: `pixel_norm` as a module."""
 
     def forward(self, x: Tensor) -> Tensor:
-        return x * torch.rsqrt(x.square().mean(dim=1, keepdim=True) + 1e-8)
+        return pixel_norm(x)
 
 
 class EqualLinear(nn.Module):
@@ -145,7 +152,7 @@ class ModulatedConv2d(nn.Module):
         if self.demodulate:
             # 1 / ||weight * style|| per sample and output channel: sum_i style_i^2 * sum_k weight_oik^2.
             squared_norm = style.square() @ weight.square().sum(dim=(2, 3)).t()  # [N, out]
-            out = out * torch.rsqrt(squared_norm + DEMODULATION_EPS)[:, :, None, None]
+            out = out * rsqrt_with_epsilon(squared_norm, DEMODULATION_EPS)[:, :, None, None]
         return out
 
 
