@@ -56,10 +56,16 @@ class StageTimer:
     """Wall-clock seconds per stage of a PyTorch pipeline over one call, from forward hooks on its stage
     modules (name -> module, e.g. HairPipeline.stages): a stage run several times in a call is summed
     (`calls` counts them); a stage module called inside another stage counts in the outer one.
-    `synchronize` runs before each clock read (torch.cuda.synchronize for GPU work)."""
+    `synchronize` runs before each clock read (torch.cuda.synchronize for GPU work); another `clock`
+    measures something else per stage (e.g. a FlopCounterMode's running total: `seconds` are then FLOPs)."""
 
-    def __init__(self, stages: Mapping[str, Any], synchronize: Callable[[], None] = lambda: None):
-        self.synchronize = synchronize
+    def __init__(
+        self,
+        stages: Mapping[str, Any],
+        synchronize: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.synchronize, self.clock = synchronize, clock
         self.seconds: dict[str, float] = {}
         self.calls: dict[str, int] = {}
         self._depth, self._started = 0, 0.0
@@ -73,14 +79,14 @@ class StageTimer:
     def _enter(self, *_) -> None:
         if self._depth == 0:
             self.synchronize()
-            self._started = time.perf_counter()
+            self._started = self.clock()
         self._depth += 1
 
     def _leave(self, name: str) -> None:
         self._depth -= 1
         if self._depth == 0:
             self.synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - self._started
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - self._started
             self.calls[name] = self.calls.get(name, 0) + 1
 
 

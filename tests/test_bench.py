@@ -4,8 +4,12 @@ import json
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
+from fashionserve.hair.bundle import load_networks, transfer_inputs
+from fashionserve.hair.stages import HairConfig
 from fashionserve.repository import ensemble_steps
 from tests.conftest import run_cli
 
@@ -93,3 +97,35 @@ def test_pipeline_benchmark_missing_bundle_is_one_line(tmp_path: Path) -> None:
         f"error: not a bundle (no manifest.json): {tmp_path / 'nope'}"
     ]
     assert not list(tmp_path.iterdir())
+
+
+def test_hair_projection_counts_every_transfer_step_and_projects_from_the_counts(tmp_path: Path) -> None:
+    """bench/hair_projection.py at the test size: every hair_transfer step is counted (runs = the
+    ensemble's steps of that model), e4e's five runs are five times one counted call, and the A100
+    figures follow from the FLOPs; a stage time from --cpu-report becomes that stage's FLOP rate."""
+    cpu_report = tmp_path / "cpu.json"
+    encoder_time = {"hair_encoder": {"calls": 5, "ms": 100.0}}
+    cpu_report.write_text(json.dumps({"stages": {"onnxruntime": encoder_time}}))
+    args = ("--resolution", "256", "--widths", "tiny", "--cpu-report", str(cpu_report), "--name", "p")
+    result = run_cli("bench/hair_projection.py", *args, "--out", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["runs"] == dict(Counter(step.model_name for step in ensemble_steps("hair_transfer")))
+
+    pipeline, _ = load_networks(HairConfig(256, "tiny"), None, 0)
+    pipeline.requires_grad_(False)
+    with torch.no_grad():
+        face = transfer_inputs(HairConfig(256, "tiny"), 1, 0)[0]
+        encoder_input = pipeline.stages["hair_preprocess"](face)[1]
+        with FlopCounterMode(display=False) as counter:
+            pipeline.stages["hair_encoder"](encoder_input)
+    assert record["flops"]["hair_encoder"] == 5 * counter.get_total_flops()
+    total = sum(record["flops"].values())
+    assert record["projected_ms"]["fp16"] == pytest.approx(total / (312e12 * 0.3) * 1e3)
+    report = (tmp_path / "p.md").read_text()
+    rate = record["flops"]["hair_encoder"] / 1e9 / 0.1
+    assert f"| hair_encoder | 5 | {record['flops']['hair_encoder'] / 1e9:.1f} |" in report
+    assert f"| 100 | {rate:.1f} |" in report
+
+    missing = run_cli("bench/hair_projection.py", "--cpu-report", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.json" in missing.stderr
