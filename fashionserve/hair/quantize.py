@@ -36,6 +36,7 @@ from fashionserve.quantization import (
     image_quality,
     open_session,
 )
+from fashionserve.repository import TRACKED_REPOSITORY, read_config
 
 NETWORKS = ("hair_encoder", "hair_generator", "hair_parser")  # served as TensorRT plans on the gpu target
 CALIBRATION_SEED, EVALUATION_SEED = 1000, 2000
@@ -52,6 +53,7 @@ class HairQuantizeOptions:
         default_factory=lambda: {variant: default_thresholds(variant) for variant in VARIANTS}
     )
     max_excluded_fraction: float = DEFAULT_MAX_EXCLUDED_FRACTION
+    networks: tuple[str, ...] = NETWORKS
 
 
 def config_from_manifest(manifest: dict) -> HairConfig:
@@ -81,18 +83,47 @@ def _samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
     ]
 
 
+def final_stage(ensemble: str, output: str = "hair_image") -> str:
+    """The stage whose step gives the tracked `ensemble` its `output` (hair_transfer: the last synthesis;
+    hair_edit: the composite)."""
+    config = read_config(TRACKED_REPOSITORY / ensemble / "config.pbtxt")
+    (stage,) = [s.model_name for s in config.ensemble_scheduling.step if output in s.output_map.values()]
+    return stage
+
+
+FINAL_STAGES = {ensemble: final_stage(ensemble) for ensemble in (TRANSFER, EDIT)}
+
+
 def _runs(stages: dict, samples: list[Sample]) -> list[dict]:
     return [record_stage_runs(ensemble, STAGES, stages, inputs) for ensemble, inputs in samples]
 
 
-def _images(runs: list[dict]) -> list[np.ndarray]:
-    return [run["hair_composite"][1][0][0].numpy() for run in runs]
+def final_images(samples: list[Sample], runs: list[dict]) -> list[np.ndarray]:
+    """The `hair_image` each sample's ensemble returns (batch 1: its only image)."""
+    return [
+        run[FINAL_STAGES[ensemble]][1][0][0].numpy() for (ensemble, _), run in zip(samples, runs, strict=True)
+    ]
+
+
+def pipeline_images(stages: dict, samples: list[Sample]) -> list[np.ndarray]:
+    """Run each sample through its ensemble's stages; its final image."""
+    return final_images(samples, _runs(stages, samples))
+
+
+def onnx_stages(bundle_dir: Path, manifest: dict, files: dict[str, Path] | None = None) -> dict:
+    """Every stage of the bundle as ONNX Runtime sessions: fp32, or the given file where `files` names
+    one (a variant)."""
+    files = files or {}
+    return {
+        name: _OnnxStage(open_session(files.get(name, bundle_dir / model["file"])))
+        for name, model in manifest["models"].items()
+    }
 
 
 def quantize_hair_bundle(
     bundle_dir: Path, options: HairQuantizeOptions, log: Callable[[str], None] = print
 ) -> dict:
-    """Build, gate and commit every requested variant of the three networks; returns the new manifest.
+    """Build, gate and commit every requested variant of the networks; returns the new manifest.
     Failed variants are recorded, not raised."""
     manifest = read_manifest(bundle_dir)
     if manifest.get("pipeline") != PIPELINE:
@@ -100,15 +131,18 @@ def quantize_hair_bundle(
     unknown = [v for v in options.variants if v not in VARIANTS]
     if unknown:
         raise QuantizationError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    missing = [n for n in options.networks if n not in manifest["models"]]
+    if missing:
+        raise QuantizationError(f"{bundle_dir} has no network {missing[0]!r} (exported before HairFastGAN?)")
     config = config_from_manifest(manifest)
-    fp32 = {name: _OnnxStage(open_session(bundle_dir / m["file"])) for name, m in manifest["models"].items()}
+    fp32 = onnx_stages(bundle_dir, manifest)
     calibration = _samples(config, options.calibration_samples, CALIBRATION_SEED)
     evaluation = _samples(config, options.eval_samples, EVALUATION_SEED)
     weights = " [random-init weights: the images are noise]" if manifest.get("random_init") else ""
     log(f"fp32 images of {len(calibration)} calibration and {len(evaluation)} evaluation portraits{weights}")
     calibration_runs = _runs(fp32, calibration)
-    calibration_images = _images(calibration_runs)
-    evaluation_images = _images(_runs(fp32, evaluation))
+    calibration_images = final_images(calibration, calibration_runs)
+    evaluation_images = pipeline_images(fp32, evaluation)
     inputs = {stage.name: stage.inputs for stage in STAGES}
 
     work_dir = bundle_dir / ".quantize.partial"  # same file system as the bundle: files move by rename
@@ -119,16 +153,17 @@ def quantize_hair_bundle(
         for variant in options.variants:
             thresholds = options.thresholds[variant]
             built = {}
-            for network in NETWORKS:
+            for network in options.networks:
                 log(f"[{variant}] {network}")
-                feeds = [
+                feeds = [  # the network's inputs in every calibration run that uses it
                     {name: arg.numpy() for name, arg in zip(inputs[network], run[network][0], strict=True)}
                     for run in calibration_runs
+                    if network in run
                 ]
 
                 def quality_of(session: ort.InferenceSession, network: str = network) -> dict:
                     stages = {**fp32, network: _OnnxStage(session)}
-                    return image_quality(calibration_images, _images(_runs(stages, calibration)))
+                    return image_quality(calibration_images, pipeline_images(stages, calibration))
 
                 built[network] = build_network_variant(
                     network,
@@ -141,8 +176,8 @@ def quantize_hair_bundle(
                     work_dir,
                     log,
                 )
-            stages = {**fp32, **{n: _OnnxStage(open_session(b.path)) for n, b in built.items()}}
-            quality = image_quality(evaluation_images, _images(_runs(stages, evaluation)))
+            stages = onnx_stages(bundle_dir, manifest, {n: b.path for n, b in built.items()})
+            quality = image_quality(evaluation_images, pipeline_images(stages, evaluation))
             failures = thresholds.failures(quality)
             log(f"[{variant}] gate {'FAIL: ' + '; '.join(failures) if failures else 'PASS'}")
             records[variant] = {
