@@ -73,7 +73,7 @@ class _OnnxStage:
         return tuple(torch.from_numpy(output) for output in run_onnx(self.session, args))
 
 
-def _samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
+def portrait_samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
     """Drawn portraits, alternately through hair_transfer and hair_edit."""
     return [
         (TRANSFER, transfer_inputs(config, 1, seed + i))
@@ -120,6 +120,20 @@ def onnx_stages(bundle_dir: Path, manifest: dict, files: dict[str, Path] | None 
     }
 
 
+def gate(
+    bundle_dir: Path,
+    manifest: dict,
+    files: dict[str, Path],
+    samples: list[Sample],
+    references: list[np.ndarray],
+    thresholds: Thresholds,
+) -> tuple[dict, list[str]]:
+    """The quality gate: every sample's final image with the variant `files` swapped in for their fp32
+    networks, against its fp32 image (`references`); (quality, why it fails: empty when it passes)."""
+    quality = image_quality(references, pipeline_images(onnx_stages(bundle_dir, manifest, files), samples))
+    return quality, thresholds.failures(quality)
+
+
 def quantize_hair_bundle(
     bundle_dir: Path, options: HairQuantizeOptions, log: Callable[[str], None] = print
 ) -> dict:
@@ -136,8 +150,8 @@ def quantize_hair_bundle(
         raise QuantizationError(f"{bundle_dir} has no network {missing[0]!r} (exported before HairFastGAN?)")
     config = config_from_manifest(manifest)
     fp32 = onnx_stages(bundle_dir, manifest)
-    calibration = _samples(config, options.calibration_samples, CALIBRATION_SEED)
-    evaluation = _samples(config, options.eval_samples, EVALUATION_SEED)
+    calibration = portrait_samples(config, options.calibration_samples, CALIBRATION_SEED)
+    evaluation = portrait_samples(config, options.eval_samples, EVALUATION_SEED)
     weights = " [random-init weights: the images are noise]" if manifest.get("random_init") else ""
     log(f"fp32 images of {len(calibration)} calibration and {len(evaluation)} evaluation portraits{weights}")
     calibration_runs = _runs(fp32, calibration)
@@ -176,9 +190,10 @@ def quantize_hair_bundle(
                     work_dir,
                     log,
                 )
-            stages = onnx_stages(bundle_dir, manifest, {n: b.path for n, b in built.items()})
-            quality = image_quality(evaluation_images, pipeline_images(stages, evaluation))
-            failures = thresholds.failures(quality)
+            variant_files = {n: b.path for n, b in built.items()}
+            quality, failures = gate(
+                bundle_dir, manifest, variant_files, evaluation, evaluation_images, thresholds
+            )
             log(f"[{variant}] gate {'FAIL: ' + '; '.join(failures) if failures else 'PASS'}")
             records[variant] = {
                 "passed": not failures,
