@@ -2,8 +2,9 @@
 real Triton (explicit model control) from a real `mlflow server`; v1 then v2 swap in for both ensembles.
 
 v1 is the session's tiny HairFastGAN bundle; v2 is the same bundle with a retrained (here: re-initialised)
-e4e encoder, the stage both ensembles run, re-exported alone, so that both outputs visibly change without
-a second full export."""
+e4e encoder, which both ensembles run (it shows in hair_edit's images), and post-process, which shows in
+hair_transfer's: the two stages are re-exported in place, so that both outputs visibly change without a
+second full export."""
 
 import json
 import shutil
@@ -19,7 +20,15 @@ from fashionserve import registry
 from fashionserve.bundle import read_manifest, write_manifest
 from fashionserve.checkpoints import sha256_file
 from fashionserve.client import TritonModelClient
-from fashionserve.hair.bundle import EDIT, PIPELINE, STAGES, TRANSFER, edit_inputs, transfer_inputs
+from fashionserve.hair.bundle import (
+    EDIT,
+    PIPELINE,
+    STAGES,
+    TRANSFER,
+    edit_inputs,
+    stage_runs,
+    transfer_inputs,
+)
 from fashionserve.hair.stages import HairPipeline
 from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import export_onnx, max_abs_error, run_onnx
@@ -31,30 +40,35 @@ ENSEMBLES = {
     EDIT: (edit_inputs, ("portrait", "direction", "strength")),
 }
 ENCODER = "hair_encoder"
+RETRAINED = {ENCODER: "e4e", "hair_post_process": "post_process"}  # stage -> its network
 
 
-def with_new_encoder(bundle: Path, dest: Path, seed: int) -> HairPipeline:
-    """Copy `bundle` to `dest` with the e4e encoder of seed `seed`'s pipeline re-exported in place (parity
-    and sha256 recorded in the manifest); returns the PyTorch pipeline that `dest` serves."""
+def with_retrained_networks(bundle: Path, dest: Path, seed: int) -> HairPipeline:
+    """Copy `bundle` to `dest` with the RETRAINED networks taken from seed `seed`'s pipeline and their
+    stages re-exported in place (parity and sha256 recorded in the manifest); returns the PyTorch pipeline
+    that `dest` serves."""
     shutil.copytree(bundle, dest)
-    pipeline = hair_test_pipeline()[0]
-    pipeline.networks.e4e.load_state_dict(hair_test_pipeline(seed)[0].networks.e4e.state_dict())
-    stage = next(s for s in STAGES if s.name == ENCODER)
+    pipeline, retrained = hair_test_pipeline()[0], hair_test_pipeline(seed)[0]
+    for network in RETRAINED.values():
+        source, target = getattr(retrained.networks, network), getattr(pipeline.networks, network)
+        target.load_state_dict(source.state_dict())
+        for name, buffer in source.named_buffers():  # the non-persistent ones too (the average latents)
+            target.get_buffer(name).copy_(buffer)
+    runs = stage_runs(pipeline, TRANSFER, transfer_inputs(HAIR_CONFIG, 2, seed))
     manifest = read_manifest(dest)
-    with torch.no_grad():
-        encoder_input = pipeline.stages["hair_preprocess"](transfer_inputs(HAIR_CONFIG, 2, seed)[0])[1]
-        expected = pipeline.stages[ENCODER](encoder_input)
-    path = dest / manifest["models"][ENCODER]["file"]
-    export_onnx(
-        pipeline.stages[ENCODER], (encoder_input,), path, list(stage.inputs), list(stage.outputs),
-        manifest["max_batch_size"],
-    )  # fmt: skip
-    (latent,) = run_onnx(
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), (encoder_input,)
-    )
-    error = max_abs_error(expected, latent)
-    assert error <= stage.tolerance, error
-    manifest["models"][ENCODER].update(sha256=sha256_file(path), parity_max_error={"latent": error})
+    batch = manifest["max_batch_size"]
+    for stage in (s for s in STAGES if s.name in RETRAINED):
+        args = tuple(tensor[:batch] for tensor in runs[stage.name][0])
+        expected = runs[stage.name][1]
+        path = dest / manifest["models"][stage.name]["file"]
+        module = pipeline.stages[stage.name]
+        export_onnx(module, args, path, list(stage.inputs), list(stage.outputs), batch)
+        actual = run_onnx(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), args)
+        errors = {
+            n: max_abs_error(e[:batch], a) for n, e, a in zip(stage.outputs, expected, actual, strict=True)
+        }
+        assert max(errors.values()) <= stage.tolerance, (stage.name, errors)
+        manifest["models"][stage.name].update(sha256=sha256_file(path), parity_max_error=errors)
     write_manifest(dest, manifest)
     return pipeline
 
@@ -63,7 +77,10 @@ def with_new_encoder(bundle: Path, dest: Path, seed: int) -> HairPipeline:
 def bundles(hair_bundle, hair_pipeline, tmp_path_factory) -> dict[str, tuple[Path, HairPipeline]]:
     """v1 and v2: (bundle, PyTorch reference)."""
     v2 = tmp_path_factory.mktemp("hair-v2") / "hair"
-    return {"v1": (hair_bundle[0], hair_pipeline), "v2": (v2, with_new_encoder(hair_bundle[0], v2, seed=1))}
+    return {
+        "v1": (hair_bundle[0], hair_pipeline),
+        "v2": (v2, with_retrained_networks(hair_bundle[0], v2, seed=1)),
+    }
 
 
 @pytest.fixture(scope="module")
