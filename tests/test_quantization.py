@@ -375,8 +375,7 @@ def test_hair_variants_replace_the_heavy_networks_with_fp32_inputs_and_outputs(h
             path = bundle / entry["file"]
             assert entry["file"] == f"{network}/model.{variant}.onnx" and entry["sha256"] == sha256_file(path)
             assert tensor_specs(path) == tensor_specs(bundle / network / "model.onnx")
-            outputs = next(s for s in HAIR_STAGES if s.name == network).outputs
-            assert set(entry["max_abs_error"]) == set(outputs)
+            assert entry["chosen_excluded_layers"] == 0  # every variant met its threshold unaided
 
 
 @pytest.mark.parametrize("ensemble, network", [(TRANSFER, "hair_final_synthesis"), (EDIT, "hair_generator")])
