@@ -180,6 +180,7 @@ def test_client_edits_the_samples_with_the_sample_direction(hair_server, tmp_pat
 
 def test_client_refuses_bad_input_in_one_line_before_writing(hair_server, crops, tmp_path):
     Image.new("RGB", (SIZE, SIZE - 8)).save(tmp_path / "wide.png")
+    Image.new("RGB", (SIZE, SIZE)).save(tmp_path / "me.png")  # another face named like crops/me.png
     (tmp_path / "notes.png").write_text("not an image")
     np.save(tmp_path / "bad.npy", np.zeros((3, STYLE_DIM), np.float32))
     (tmp_path / "text.npy").write_text("not numpy")
@@ -205,6 +206,8 @@ def test_client_refuses_bad_input_in_one_line_before_writing(hair_server, crops,
         (["--model", "nope"], "model 'nope'"),
         (["--model", TRANSFER, "--strength", "1"], f"not the {EDIT} inputs"),
         (["--model", EDIT], f"not the {TRANSFER} inputs"),
+        (["--batch", "5"], f"--batch 5 is over the largest batch of '{TRANSFER}': 4"),
+        (["--face", me, str(tmp_path / "me.png"), "--shape", style], "two results would be written to"),
     ]
     for args, fragment in cases:
         one_line_error(run_cli("client/hair.py", *args, *served), fragment)
