@@ -13,7 +13,7 @@ anything is sent.
 Transfer: --face F [F ...] --shape S [S ...] [--color C [C ...]]: the hairstyle (shape) of S in the hair
 colour of C. Each reference option takes one image for all faces or one per face; without --color the
 colour comes from the shape reference. The same photo may be given twice (e.g. --color F keeps the
-face's own colour; the server then skips the colour blending).
+face's own hair colour).
 Edit: --face F [F ...] --direction D.npy --strength S. D is an InterFaceGAN-style direction in W space:
 [512] or [1, 512] (applied to every W+ layer) or [18, 512] (one per layer), at the served model's style
 dimension and layer count.

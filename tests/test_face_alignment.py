@@ -270,8 +270,9 @@ def test_client_transfers_hair_on_unaligned_photos_through_triton(hair_server, p
     crop = client.infer(inputs)["hair_image"][0]
     client.close()
     assert np.array_equal(served, paste_into_photo(astronaut, face.alignment, face.crop, crop))
+    assert (crop != face.crop).any(-1).mean() > 0.9  # HairFastGAN regenerates the whole crop
     changed = (served != astronaut).any(-1)
-    assert changed.any() and not np.array_equal(crop, face.crop)
+    assert changed.any()
     corners = face.alignment.corners
     rows, cols = np.nonzero(changed)
     assert cols.min() >= corners[:, 0].min() - 1 and cols.max() <= corners[:, 0].max() + 1

@@ -21,7 +21,7 @@ N_LATENT, STYLE_DIM = HAIR_CONFIG.n_latent, HAIR_CONFIG.style_dim
 
 def read_png(path: Path) -> np.ndarray:
     with Image.open(path) as image:
-        return np.asarray(image)
+        return np.array(image)
 
 
 def served_transfer(server, face: np.ndarray, shape: np.ndarray, color: np.ndarray) -> np.ndarray:
