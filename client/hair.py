@@ -13,7 +13,7 @@ anything is sent.
 Transfer: --face F [F ...] --shape S [S ...] [--color C [C ...]]: the hairstyle (shape) of S in the hair
 colour of C. Each reference option takes one image for all faces or one per face; without --color the
 colour comes from the shape reference. The same photo may be given twice (e.g. --color F keeps the
-face's own colour; the server then skips the colour blending).
+face's own hair colour).
 Edit: --face F [F ...] --direction D.npy --strength S. D is an InterFaceGAN-style direction in W space:
 [512] or [1, 512] (applied to every W+ layer) or [18, 512] (one per layer), at the served model's style
 dimension and layer count.
@@ -272,12 +272,19 @@ def main() -> None:
         raise UserError(
             f"model '{client.model}' takes {sorted(shapes)}, not the {args.mode} inputs {list(expected)}"
         )
+    if client.max_batch_size and args.batch > client.max_batch_size:
+        raise UserError(
+            f"--batch {args.batch} is over the largest batch of '{client.model}': {client.max_batch_size}"
+        )
     reader = FaceReader(args, size=shapes[FACE_INPUT[args.mode]][0])
     if args.mode == EDIT:
         n_latent, style_dim = shapes["direction"]
         items = edit_items(args, reader, n_latent, style_dim)
     else:
         items = transfer_items(args, reader)
+    names = [name for name, _, _ in items]
+    if clash := next((name for name in names if names.count(name) > 1), None):
+        raise UserError(f"two results would be written to {args.out / clash}.png: rename one of the images")
     pending = iter(items)
     while chunk := list(itertools.islice(pending, args.batch)):
         batch = {name: np.stack([inputs[name] for _, inputs, _ in chunk]) for name in chunk[0][1]}
