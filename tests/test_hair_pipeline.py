@@ -187,8 +187,9 @@ def test_edit_ensemble_equals_the_pipeline(hair_server, hair_pipeline, protocol)
     difference = np.abs(served.astype(np.int16) - expected.astype(np.int16))
     assert difference.mean() < 0.5, difference.mean()
     assert (difference > 8).mean() < 0.01  # a parser label may flip where two logits nearly tie
-    changed = (served != inputs[0].numpy()).any(-1).mean()
-    assert 0.02 < changed < 0.98, changed  # some hair was pasted, some of the photo kept
+    # Some hair was pasted. (The tiny random generator's images parse as hair nearly everywhere, so here
+    # the region may cover the whole crop; what stays outside it: the composite test above.)
+    assert (served != inputs[0].numpy()).any(-1).mean() > 0.02
 
 
 @pytest.mark.parametrize(
