@@ -138,5 +138,6 @@ def hair_bundle(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
 def hair_server(tmp_path_factory: pytest.TempPathFactory, hair_bundle):
     repository = tmp_path_factory.mktemp("triton") / "repository"
     render_repository(*hair_bundle, repository, target="cpu")
-    with TritonServer(repository=repository) as server:
+    # 21 python-backend models load one stub each: on a busy 2-core machine that took over 120 s
+    with TritonServer(repository=repository, ready_timeout=300) as server:
         yield server
