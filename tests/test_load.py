@@ -21,12 +21,9 @@ from fashionserve.catalogue.bundle import (
 )
 from fashionserve.catalogue.networks.classifier import ClassifierConfig
 from fashionserve.catalogue.networks.pggan import PGGANConfig
-from fashionserve.hair.bundle import export_bundle as export_hair_bundle
-from fashionserve.hair.bundle import load_networks
 from fashionserve.launcher import TritonServer
 from fashionserve.repository import render_repository
 from tests.conftest import PROJECT_ROOT
-from tests.test_hair_pipeline import CONFIG as HAIR_CONFIG
 from tests.test_web import running_web
 
 LOCUSTFILE = PROJECT_ROOT / "tests" / "load.py"
@@ -67,19 +64,18 @@ def read_csv(path: Path) -> list[dict[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def catalogue_server(tmp_path_factory: pytest.TempPathFactory):
-    """Triton serving small random-init garment classifier, fashion generator and hair pipelines."""
+def catalogue_server(tmp_path_factory: pytest.TempPathFactory, hair_bundle):
+    """Triton serving small random-init garment classifier, fashion generator and hair (transfer, edit)
+    pipelines."""
     root = tmp_path_factory.mktemp("load-catalogue")
     classifier, provenance = load_garment_classifier(None, ClassifierConfig(width=8, hidden=32), seed=0)
     export_classifier_bundle(classifier, provenance, root / "garment_classifier", log=lambda _: None)
     config = PGGANConfig.for_resolution(16, max_channels=32, latent_dim=32)
     generator, provenance = load_fashion_generator(None, config, seed=0)
     export_generator_bundle(generator, provenance, root / "fashion_generator", log=lambda _: None)
-    hair, provenance = load_networks(HAIR_CONFIG, None, None, None, seed=0)
-    export_hair_bundle(hair, provenance, root / "hair", log=lambda _: None)
     repository = root / "repository"
     repository.mkdir()
-    for bundle in (root / "garment_classifier", root / "fashion_generator", root / "hair"):
+    for bundle in (root / "garment_classifier", root / "fashion_generator", hair_bundle[0]):
         staging = root / "rendered" / bundle.name
         for name in render_repository(bundle, read_manifest(bundle), staging, target="cpu"):
             shutil.move(staging / name, repository / name)
@@ -146,9 +142,16 @@ def test_unknown_model_is_one_failure_per_user_with_the_reason(tmp_path: Path, t
     assert "Traceback" not in result.stderr
 
 
-def test_web_headless_run_has_no_failures(tmp_path: Path, tryon_server, samples_dir: Path) -> None:
-    """People on the web app's try-on page (`--model web`), through python -m web to the same Triton."""
+@pytest.mark.parametrize(
+    ("server", "page", "route"),
+    [("tryon_server", "tryon", "/api/tryon"), ("catalogue_server", "hair", "/api/hair/transfer")],
+)
+def test_web_headless_run_has_no_failures(
+    request: pytest.FixtureRequest, tmp_path: Path, samples_dir: Path, server: str, page: str, route: str
+) -> None:
+    """People on the web app's try-on or hairstyle page (`--model web`), through python -m web to Triton."""
+    triton = request.getfixturevalue(server)
     log = tmp_path / "web.log"
-    with running_web(log, "--triton", tryon_server.grpc_url, "--dataroot", str(samples_dir)) as url:
-        result = run_locust(tmp_path, url, "--model", "web", "--web-pages", "tryon")
-    assert_clean_run(result, tmp_path, "POST", "web /api/tryon")
+    with running_web(log, "--triton", triton.grpc_url, "--dataroot", str(samples_dir)) as url:
+        result = run_locust(tmp_path, url, "--model", "web", "--web-pages", page)
+    assert_clean_run(result, tmp_path, "POST", f"web {route}")
