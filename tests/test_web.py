@@ -96,7 +96,7 @@ def running_web(log: Path, *options: str) -> Iterator[str]:
             return process.poll() is not None
 
     try:
-        assert wait_until(up, 90) and process.poll() is None, log.read_text()
+        assert wait_until(up, 180) and process.poll() is None, log.read_text()  # slow imports on a busy host
         yield url
     finally:
         process.terminate()
