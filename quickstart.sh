@@ -3,7 +3,8 @@
 # sets up .venv, exports the pipeline to ONNX (seeded random-init weights unless checkpoints are given),
 # starts the real Triton server from the nvidia-pytriton wheel and runs the client on drawn samples:
 # client/tryon.py on the sample pairs (PIPELINE=tryon, the default), client/hair.py on the sample
-# portraits, a hairstyle transfer and an edit (PIPELINE=hair), or, with PIPELINE=catalogue, the two
+# portraits, a hairstyle transfer (face, shape and colour reference) and an edit (PIPELINE=hair), or,
+# with PIPELINE=catalogue, the two
 # catalogue models trained on Fashion-MNIST and shipped in models/catalogue/ (sha256-checked; no
 # training step): the fashion generator draws garments and the garment classifier labels them, on one
 # contact sheet.
@@ -14,9 +15,12 @@
 #   PIPELINE       tryon (default), hair or catalogue
 #   CONDITION_CHECKPOINT, IMAGE_CHECKPOINT  try-on: official-layout .pth files (default: random-init,
 #                  outputs are noise)
-#   E4E_CHECKPOINT, PARSER_CHECKPOINT  hair: e4e_ffhq_encode.pt and 79999_iter.pth (default: random-init)
+#   HAIRFAST_DIR, CLIP_CHECKPOINT  hair: HairFastGAN's pretrained_models/ folder and OpenAI's CLIP
+#                  ViT-B-32.pt (SEAN_CODES: the folder of SEAN's mean style codes, if not found from
+#                  HAIRFAST_DIR); default: random-init, tiny widths, outputs are noise
 #   RESOLUTION     try-on: HEIGHTxWIDTH, default 1024x768 (512x384 and 256x192 are faster);
-#                  hair: the side of the square portraits, default 1024 (256 is faster, random-init only)
+#                  hair: the side of the square portraits, 1024 with HAIRFAST_DIR; random-init: default
+#                  256 (512 or 1024 are slower), at the tiny widths unless WIDTHS=public
 #   HTTP_PORT, GRPC_PORT, METRICS_PORT, MLFLOW_PORT   default 8000, 8001, 8002, 5000
 #   KEEP_SERVER=1  leave Triton and MLflow running at the end
 set -euo pipefail
@@ -24,7 +28,7 @@ cd "$(dirname "$0")"
 PIPELINE=${PIPELINE:-tryon}
 case "$PIPELINE" in
   tryon) RESOLUTION=${RESOLUTION:-1024x768} ;;
-  hair) RESOLUTION=${RESOLUTION:-1024} ;;
+  hair) RESOLUTION=${RESOLUTION:-$([ -n "${HAIRFAST_DIR:-}" ] && echo 1024 || echo 256)} ;;
   catalogue) RESOLUTION=32x32 ;;  # what the shipped generator was trained at
   *) echo "error: PIPELINE must be tryon, hair or catalogue, got '$PIPELINE'" >&2; exit 2 ;;
 esac
@@ -49,18 +53,21 @@ elif [ "$PIPELINE" = tryon ]; then
   CHECKPOINTS=${CONDITION_CHECKPOINT:-}${IMAGE_CHECKPOINT:-}
   WEIGHTS=(--condition-checkpoint "${CONDITION_CHECKPOINT:-}" --image-checkpoint "${IMAGE_CHECKPOINT:-}")
 else
-  CHECKPOINTS=${E4E_CHECKPOINT:-}${PARSER_CHECKPOINT:-}
-  WEIGHTS=(--e4e-checkpoint "${E4E_CHECKPOINT:-}" --parser-checkpoint "${PARSER_CHECKPOINT:-}")
+  CHECKPOINTS=${HAIRFAST_DIR:-}${CLIP_CHECKPOINT:-}
+  WEIGHTS=(--hairfast-dir "${HAIRFAST_DIR:-}" --clip-checkpoint "${CLIP_CHECKPOINT:-}")
+  [ -z "${SEAN_CODES:-}" ] || WEIGHTS+=(--sean-codes "$SEAN_CODES")
 fi
 if [ "$PIPELINE" != catalogue ]; then
+  SIZES=(--resolution "$RESOLUTION")
   if [ -n "$CHECKPOINTS" ]; then
     BUNDLE=$WORK/bundles/$PIPELINE
   else
     BUNDLE=$WORK/bundles/$PIPELINE-random-init
     WEIGHTS=(--random-init --seed 0)
+    [ "$PIPELINE" = tryon ] || SIZES+=(--widths "${WIDTHS:-tiny}")
   fi
   rm -rf "$BUNDLE"
-  $PY "export/$PIPELINE.py" "${WEIGHTS[@]}" --resolution "$RESOLUTION" --out "$BUNDLE"
+  $PY "export/$PIPELINE.py" "${WEIGHTS[@]}" "${SIZES[@]}" --out "$BUNDLE"
 fi
 
 echo "== MLflow registry: register and promote"
@@ -109,7 +116,7 @@ else
   echo "== hair transfer and hair edit (drawn sample portraits)"
   $PY client/hair.py --url "127.0.0.1:$GRPC_PORT" --out "$WORK/results"
   $PY client/hair.py --strength 2 --url "127.0.0.1:$GRPC_PORT" --out "$WORK/results"
-  NEEDED="E4E_CHECKPOINT and PARSER_CHECKPOINT"
+  NEEDED="HAIRFAST_DIR and CLIP_CHECKPOINT"
 fi
 
 echo

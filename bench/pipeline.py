@@ -1,5 +1,5 @@
 """Side-by-side CPU benchmark of the try-on pipeline (`tryon`) or of the hair transfer pipeline
-(`hair_transfer`, --pipeline hair) on this machine, in one run:
+(`hair_transfer`, HairFastGAN, --pipeline hair) on this machine, in one run:
 
   pytorch-eager   the reference implementation (fashionserve TryonPipeline, or HairPipeline.transfer:
                   the hair stage modules chained like the ensemble), torch.inference_mode
@@ -8,25 +8,32 @@
   onnxruntime-nospin  the same with intra-op thread spinning off (session.intra_op.allow_spinning=0):
                   a spinning pool of the last stage competes with the next stage's threads
   onnxruntime-concurrent  (hair) the same chain, each step started as soon as its inputs are there, as
-                  Triton's ensemble scheduler does (hair_transfer's two encoder passes run at once, the
-                  portrait's parser alongside the encoders and the generator)
+                  Triton's ensemble scheduler does (hair_transfer embeds its three images at once,
+                  computes the shape and colour targets at once, ...)
   triton-<proto>  the ensemble on the embedded Triton (cpu target: python-backend leaves
                   running the same ONNX files with ONNX Runtime), called through tritonclient
 
 Each backend runs in its own process (so its peak memory is its own); the timed calls are spread over
 rounds that alternate the backends, so background load on the machine hits all of them alike
 (--sequential: one backend process at a time, for memory at 1024x768). Every
-call sends the drawn samples (real inputs: try-on pairs, or portraits each with the next one's
-hairstyle) at the pipeline's resolution; outputs are checked against PyTorch. Writes <name>.md,
-<name>.png and <name>.json into --out.
+call sends the drawn samples (real inputs: try-on pairs, or a face with the next portrait's hairstyle
+and the one after's hair colour) at the pipeline's resolution; outputs are checked against PyTorch.
+
+Per stage (hair): after the end-to-end rounds, --stage-calls more calls at batch 1 time every stage:
+PyTorch through forward hooks on the stage modules, the bare ONNX Runtime chain around each session
+run, Triton from its per-model statistics (compute input + infer + output of each composing model).
+A stage that runs several times per transfer (the encoder runs five times) is summed over its runs.
+
+Writes <name>.md, <name>.png and <name>.json into --out.
 
 Examples:
   python bench/pipeline.py                                   # small test configuration (256x192, narrow)
   python bench/pipeline.py --size public --batches 1,2 --iterations 4 --warmup 1 --sequential
   python bench/pipeline.py --bundle work/bundles/tryon --iterations 3 --rounds 3
   python bench/pipeline.py --threads 1     # one intra-op thread in every runtime: steadier on a busy machine
-  python bench/pipeline.py --pipeline hair --threads 1     # hair_transfer at the test size (64x64, narrow)
-  python bench/pipeline.py --pipeline hair --size medium --batches 1 --iterations 3 --rounds 3 --warmup 1
+  python bench/pipeline.py --pipeline hair --threads 1     # hair_transfer at the test size (256, tiny)
+  python bench/pipeline.py --pipeline hair --size large --batches 1 --iterations 3 --rounds 3 --warmup 1
+  python bench/pipeline.py --pipeline hair --bundle work/bundles/hair --torch-weights pipeline.pt
 """
 
 import argparse
@@ -50,11 +57,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from fashionserve.bench import (  # noqa: E402
     Result,
+    StageTimer,
     descendants,
     hair_sample_batches,
     machine,
     peak_rss_mb,
     sample_batches,
+    stage_summary,
     write_report,
 )
 from fashionserve.cli import UserError, command_parser, run  # noqa: E402
@@ -78,6 +87,8 @@ ORT_NOSPIN = "onnxruntime-nospin"
 ORT_CONCURRENT = "onnxruntime-concurrent"
 Config = TryonConfig | HairConfig
 Batch = dict[str, np.ndarray]
+# one call at batch 1 -> (seconds per stage, runs per stage)
+StageCall = Callable[[Batch], tuple[dict[str, float], dict[str, int]]]
 
 
 @dataclass(frozen=True)
@@ -109,16 +120,11 @@ PIPELINES = {  # by the bundle manifest's "pipeline"
         "hair_transfer",
         HairConfig,
         {
-            # the configuration of tests/test_hair_pipeline.py: seconds on 2 cores
-            "small": HairConfig(
-                image_size=64, generator_size=32, style_dim=128, n_mlp=2, channel_max=32,
-                encoder_input_size=64, encoder_base_width=16, encoder_stage_units=(1, 2, 2, 1),
-                parser_size=64,
-            ),
-            # public widths (StyleGAN2 at 256, e4e IR-SE-50 at 256, BiSeNet at 512), 256x256 portraits:
-            # about 10 s a call on 2 cores
-            "medium": HairConfig(image_size=256, generator_size=256),
-            "public": HairConfig(),  # FFHQ 1024: not measured on 2 cores
+            "small": HairConfig(image_size=256, widths="tiny"),  # tests/conftest.py HAIR_CONFIG
+            # the released networks' widths with a smaller StyleGAN2 (and FS encoder input)
+            "medium": HairConfig(image_size=256),
+            "large": HairConfig(image_size=512),
+            "public": HairConfig(),  # FFHQ 1024, HairFastGAN's configuration
         },
         "Hair transfer pipeline",
     ),
@@ -139,12 +145,19 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument(
         "--size",
-        choices=("small", "medium", "public"),
+        choices=("small", "medium", "large", "public"),
         default="small",
-        help="pipeline to export (random-init): small (the tests' configuration), medium or public",
+        help="pipeline to export (random-init): small (the tests' configuration), medium, public; "
+        "hair also large (medium: 256 px, large: 512 px, public widths)",
     )
     parser.add_argument("--bundle", type=Path, help="use this exported bundle instead of exporting one")
     parser.add_argument("--seed", type=int, default=0, help="random-init seed of the export (default 0)")
+    parser.add_argument(
+        "--torch-weights",
+        type=Path,
+        help="hair: state_dict (torch.save) of the HairPipeline the --bundle was exported from, for "
+        "pytorch-eager when the manifest's seed does not rebuild it (e.g. the tests' modified networks)",
+    )
     parser.add_argument("--batches", default="1,4", help="comma-separated batch sizes (default 1,4)")
     parser.add_argument(
         "--iterations", type=int, default=20, help="timed calls per backend and batch (default 20)"
@@ -153,6 +166,12 @@ def parse_args() -> argparse.Namespace:
         "--rounds", type=int, default=4, help="rounds the timed calls are spread over (default 4)"
     )
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (default 2, at least 1)")
+    parser.add_argument(
+        "--stage-calls",
+        type=int,
+        default=3,
+        help="hair: calls at batch 1 timed per stage after the rounds (default 3; 0: no per-stage table)",
+    )
     parser.add_argument(
         "--threads",
         type=int,
@@ -182,17 +201,23 @@ def parse_args() -> argparse.Namespace:
         or args.iterations < 1
         or args.warmup < 1
         or not 1 <= args.rounds <= args.iterations
+        or args.stage_calls < 0
     ):
-        parser.error("batches, --iterations and --warmup must be at least 1, --rounds 1..--iterations")
+        parser.error(
+            "batches, --iterations and --warmup must be at least 1, --rounds 1..--iterations, "
+            "--stage-calls at least 0"
+        )
+    if args.size not in PIPELINES[args.pipeline].sizes:
+        parser.error(f"--size {args.size} is not a {args.pipeline} size")
+    if args.torch_weights is not None and args.pipeline != "hair":
+        parser.error("--torch-weights applies to --pipeline hair")
     return args
 
 
 def _config(manifest: dict) -> Config:
     config_class = PIPELINES[manifest["pipeline"]].config_class
     names = {f.name for f in fields(config_class)}
-    # JSON turned the hair config's tuples (hair layers, encoder stage units) into lists
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["config"].items()}
-    return config_class(**{k: v for k, v in values.items() if k in names})
+    return config_class(**{k: v for k, v in manifest["config"].items() if k in names})
 
 
 def _contract(manifest: dict, ensemble: str) -> dict:
@@ -201,30 +226,45 @@ def _contract(manifest: dict, ensemble: str) -> dict:
 
 
 def _label(config: Config) -> str:
-    """Resolution, and -narrow where the networks are narrower than the public ones."""
+    """Resolution, and -narrow (try-on) or -tiny (hair) where the networks are narrower than the public
+    ones."""
     if isinstance(config, HairConfig):
-        widths = ("style_dim", "n_mlp", "channel_multiplier", "channel_max", "encoder_num_layers")
-        widths += ("encoder_base_width", "encoder_stage_units")
-        public = HairConfig()
-        narrow = any(getattr(config, name) != getattr(public, name) for name in widths)
-        return f"{config.image_size}x{config.image_size}" + ("-narrow" if narrow else "")
+        tiny = "" if config.widths == "public" else f"-{config.widths}"
+        return f"{config.image_size}x{config.image_size}{tiny}"
     narrow = (config.condition_ngf, config.image_ngf) != (96, 64)
     return f"{config.height}x{config.width}" + ("-narrow" if narrow else "")
 
 
 # Each worker imports only its own runtime (inside these functions), so that its peak memory is what
 # that backend needs and not, say, torch loaded into the ONNX Runtime process.
-def _pytorch_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
+def _hair_weights(manifest: dict):
+    """The released files a checkpoint bundle was exported from (HairWeights), None for random-init."""
+    from fashionserve.hair.bundle import HairWeights
+
+    if manifest["random_init"]:
+        return None
+    clip = Path(manifest["checkpoints"]["clip"]["path"])
+    return HairWeights(Path(manifest["hairfast_dir"]), clip)
+
+
+def _pytorch_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict, StageCall | None]:
     import torch
 
     manifest = spec["manifest"]
+    stage_call = None
     if manifest["pipeline"] == "hair":
         from fashionserve.hair.bundle import load_networks as load_hair
 
-        keys = ("e4e_checkpoint", "parser_checkpoint", "generator_checkpoint")
-        checkpoints = [Path(manifest[k]) if manifest.get(k) else None for k in keys]
-        hair, _ = load_hair(_config(manifest), *checkpoints, seed=manifest["seed"])
-        forward = hair.transfer  # the stages chained like hair_transfer (tests/test_hair_pipeline.py)
+        hair, _ = load_hair(_config(manifest), _hair_weights(manifest), seed=manifest["seed"])
+        if spec["torch_weights"]:
+            hair.load_state_dict(torch.load(spec["torch_weights"], weights_only=True))
+        forward = hair.transfer  # the stages chained like hair_transfer (tests/test_hairfast_transfer.py)
+        timer = StageTimer(hair.stages)
+
+        def stage_call(batch: Batch) -> tuple[dict[str, float], dict[str, int]]:
+            timer.reset()
+            call(batch)
+            return timer.seconds, timer.calls
     else:
         from fashionserve.tryon.bundle import load_networks
 
@@ -240,10 +280,10 @@ def _pytorch_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
         with torch.inference_mode():
             return forward(*(torch.from_numpy(batch[name]) for name in names)).numpy()
 
-    return call, {"torch": torch.__version__, "intra-op threads": torch.get_num_threads()}
+    return call, {"torch": torch.__version__, "intra-op threads": torch.get_num_threads()}, stage_call
 
 
-def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
+def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict, StageCall | None]:
     import onnxruntime as ort
 
     manifest = spec["manifest"]
@@ -262,9 +302,16 @@ def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict
     # session.run releases the GIL, so threads run steps at once (none starts before the first submit)
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=len(steps))
 
+    seconds: dict[str, float] = {}  # per model over the current call (sequential chain only)
+    calls: dict[str, int] = {}
+
     def run_step(step, feeds: Batch) -> Batch:
         session = sessions[step.model_name]
+        started = time.perf_counter()
         results = session.run(None, feeds)
+        name = step.model_name
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - started
+        calls[name] = calls.get(name, 0) + 1
         return {
             step.output_map[o.name]: r
             for o, r in zip(session.get_outputs(), results, strict=True)
@@ -276,6 +323,8 @@ def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict
 
     def call(batch: Batch) -> np.ndarray:
         values = dict(batch)  # ensemble tensor name -> value
+        seconds.clear()
+        calls.clear()
         if not spec["concurrent"]:
             for step in steps:
                 values.update(run_step(step, feeds(step, values)))
@@ -293,28 +342,67 @@ def _onnxruntime_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict
                 values.update(future.result())
         return values[output]
 
-    return call, {"onnxruntime": ort.__version__}
+    def stage_call(batch: Batch) -> tuple[dict[str, float], dict[str, int]]:
+        call(batch)
+        return dict(seconds), dict(calls)
+
+    # steps that overlap have no per-stage time of their own
+    staged = spec["manifest"]["pipeline"] == "hair" and not spec["concurrent"]
+    return call, {"onnxruntime": ort.__version__}, stage_call if staged else None
 
 
-def _triton_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict]:
+def _triton_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict, StageCall | None]:
     client = TritonModelClient(spec["url"], spec["ensemble"], spec["protocol"])
     output = client.outputs[0]
-    return (lambda batch: client.infer(batch)[output]), {}
+
+    def call(batch: Batch) -> np.ndarray:
+        return client.infer(batch)[output]
+
+    def stage_call(batch: Batch) -> tuple[dict[str, float], dict[str, int]]:
+        """The server's compute time per composing model over one call (its statistics' difference)."""
+        before = _model_compute(spec["http_url"])
+        call(batch)
+        after = _model_compute(spec["http_url"])
+        models = [m for m in after if m != spec["ensemble"] and after[m][1] > before.get(m, (0, 0))[1]]
+        return (
+            {m: (after[m][0] - before.get(m, (0, 0))[0]) / 1e9 for m in models},
+            {m: after[m][1] - before.get(m, (0, 0))[1] for m in models},
+        )
+
+    return call, {}, stage_call if spec["manifest"]["pipeline"] == "hair" else None
+
+
+def _model_compute(http_url: str) -> dict[str, tuple[int, int]]:
+    """Triton's statistics: model -> (compute input + infer + output nanoseconds, executions)."""
+    with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
+        stats = json.load(response)["model_stats"]
+    totals: dict[str, tuple[int, int]] = {}
+    for model in stats:
+        inference = model["inference_stats"]
+        ns = sum(int(inference[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
+        executions = int(model.get("execution_count", 0))
+        ns_sum, count = totals.get(model["name"], (0, 0))  # several versions: summed
+        totals[model["name"]] = (ns_sum + ns, count + executions)
+    return totals
 
 
 RUNNERS = {"pytorch": _pytorch_runner, "onnxruntime": _onnxruntime_runner, "triton": _triton_runner}
 
 
 def _serve(kind: str, spec: dict, conn: multiprocessing.connection.Connection) -> None:
-    """Worker process: set the backend up, then answer (batch, calls) with (latencies, last output, peak)."""
+    """Worker process: set the backend up, then answer (batch, calls) with (latencies, last output, peak)
+    and ("stages", calls) with the per-stage summary of that many calls at batch 1 (None: not timed)."""
     try:
-        call, notes = RUNNERS[kind](spec)
+        call, notes, stage_call = RUNNERS[kind](spec)
         if spec["manifest"]["pipeline"] == "hair":
             inputs = hair_sample_batches(spec["height"], spec["batches"])
         else:
             inputs = sample_batches(spec["height"], spec["width"], spec["batches"])
         conn.send(("ready", notes))
         while (request := conn.recv()) is not None:
+            if request[0] == "stages":
+                conn.send(("ok", _stage_summary(stage_call, inputs[1], request[1])))
+                continue
             batch, calls = request
             latencies, output = [], None
             for _ in range(calls):
@@ -324,6 +412,13 @@ def _serve(kind: str, spec: dict, conn: multiprocessing.connection.Connection) -
             conn.send(("ok", (latencies, output, peak_rss_mb())))
     except Exception as exc:  # any failure ends the benchmark with this one line
         conn.send(("error", f"{kind}: {type(exc).__name__}: {exc}".splitlines()[0]))
+
+
+def _stage_summary(stage_call: StageCall | None, batch: Batch, calls: int) -> dict | None:
+    if stage_call is None:
+        return None
+    timed = [stage_call(batch) for _ in range(calls)]
+    return stage_summary([seconds for seconds, _ in timed], timed[-1][1])
 
 
 class Worker:
@@ -362,6 +457,11 @@ class Worker:
         latencies, output, self.peak_mb = self._receive()
         return latencies, output
 
+    def stages(self, calls: int) -> dict | None:
+        """Per-stage summary of `calls` calls at batch 1, or None where the backend has none."""
+        self._conn.send(("stages", calls))
+        return self._receive()
+
     def close(self) -> None:
         if self._process.is_alive():
             self._conn.send(None)
@@ -378,7 +478,7 @@ def _export_bundle(pipeline: str, size: str, seed: int, bundle: Path) -> dict:
         from fashionserve.hair.bundle import export_bundle as export_hair
         from fashionserve.hair.bundle import load_networks as load_hair
 
-        hair, provenance = load_hair(config, None, None, None, seed=seed)
+        hair, provenance = load_hair(config, None, seed=seed)
         return export_hair(hair, provenance, bundle, log=log)
     from fashionserve.tryon.bundle import export_bundle, load_networks
 
@@ -405,14 +505,16 @@ Measured = dict[tuple[str, int], tuple[list[float], int, float]]
 
 def measure(
     backends: dict[str, tuple[str, dict]], args: argparse.Namespace
-) -> tuple[Measured, dict[str, float], dict]:
+) -> tuple[Measured, dict[str, float], dict, dict[str, dict]]:
     """Run every backend (the reference first): (backend, batch) -> (latencies, max and mean
-    |output - reference|), peak memory per backend, and what the workers report about their runtimes."""
+    |output - reference|), peak memory per backend, what the workers report about their runtimes, and
+    the per-stage summaries at batch 1 of the backends that time stages."""
     groups = [[name] for name in backends] if args.sequential else [list(backends)]
     references: dict[int, np.ndarray] = {}
     measured: Measured = {}
     peaks: dict[str, float] = {}
     notes: dict = {}
+    stages: dict[str, dict] = {}
     for group in groups:
         workers: list[Worker] = []
         try:
@@ -420,13 +522,19 @@ def measure(
                 print(f"starting {name}", flush=True)
                 workers.append(Worker(name, *backends[name]))
             measured.update(_measure_together(workers, args, references))
+            if args.stage_calls and 1 in args.batches:
+                for worker in workers:
+                    print(f"per stage: {worker.name} batch 1 x{args.stage_calls}", flush=True)
+                    summary = worker.stages(args.stage_calls)
+                    if summary:
+                        stages[worker.name] = summary
         finally:
             for worker in workers:
                 worker.close()
         for worker in workers:
             peaks[worker.name] = worker.peak_mb
             notes.update(worker.notes)
-    return measured, peaks, notes
+    return measured, peaks, notes, stages
 
 
 def _measure_together(
@@ -516,6 +624,8 @@ def main() -> None:
                 "url": url,
                 "protocol": args.protocol,
                 "ensemble": benchmarked.ensemble,
+                "http_url": server.http_url,
+                "torch_weights": str(args.torch_weights) if args.torch_weights else None,
                 "height": manifest["config"]["height"],
                 "width": manifest["config"]["width"],
                 "batches": args.batches,
@@ -531,7 +641,7 @@ def main() -> None:
                 concurrent_spec = {**spec, "allow_spinning": True, "concurrent": True}
                 backends[ORT_CONCURRENT] = ("onnxruntime", concurrent_spec)
             backends[triton] = ("triton", spec)
-            measured, peaks, notes = measure(backends, args)
+            measured, peaks, notes, stages = measure(backends, args)
             with urllib.request.urlopen(f"http://{server.http_url}/v2", timeout=10) as response:
                 server_version = json.load(response)["version"]
             server_peak = sum(peak_rss_mb(pid) for pid in [server.pid, *descendants(server.pid)])
@@ -570,8 +680,15 @@ def main() -> None:
     if args.pipeline == "hair":
         lines.append(
             "Max abs diff: where the face parser's two best classes nearly tie, ONNX Runtime and PyTorch "
-            "may pick different labels, which moves the composite mask by a pixel band; the mean abs diff "
-            "says whether the images agree."
+            "may pick different labels, which moves a hair mask by a pixel band; the mean abs diff says "
+            "whether the images agree."
+        )
+    if stages:
+        lines.append(
+            "Per stage: medians over the per-stage calls; a stage's time sums its runs in one transfer. "
+            "Triton's column is the server's compute time per composing model (python-backend leaves: "
+            "the ONNX Runtime run plus the stub's tensor transfer); the ensemble's scheduling is the "
+            "end-to-end p50 minus the sum."
         )
     if args.iterations < 100:
         lines.append(
@@ -580,7 +697,7 @@ def main() -> None:
     lines.append(
         f"Absolute times hold for this machine only ({load_before['cpu']}); ratios are what to quote."
     )
-    path = write_report(results, args.out, stem, title, REFERENCE, settings, lines)
+    path = write_report(results, args.out, stem, title, REFERENCE, settings, lines, stages)
     print(path.read_text())
 
 

@@ -8,8 +8,11 @@ What is quantized and how the gate judges it follows the bundle's pipeline (its 
                       the same seeded latents
   garment_classifier  the classifier network; gate: top-1 agreement with fp32 and the largest class
                       probability difference on drawn product photos of several sizes
-  hair                the encoder, generator and parser; the whole pipeline (both ensembles) runs in
-                      fp32 and with each variant on drawn portraits; gate: SSIM/PSNR of the final images
+  hair                the twelve networks the gpu target serves as TensorRT plans (e4e and FS
+                      encoders, face parser, StyleGAN2 synthesis stages, shape adaptor, SEAN inpainting,
+                      colour blending, post-process); both ensembles run in fp32 and with each
+                      variant on drawn portraits (samples alternate hair_transfer and hair_edit); gate:
+                      SSIM/PSNR of each sample's final hair_image
 Variant files sit next to each fp32 model.onnx (inputs and outputs stay fp32); the results are recorded
 in the manifest under "variants". A variant that misses its thresholds is recorded all the same, the
 command exits 2 with one line, and it is never served unless forced. Options of another pipeline are
@@ -142,12 +145,14 @@ def parse_args() -> argparse.Namespace:
     groups[TRYON].add_argument(
         "--calibration-dir",
         metavar="DIR|samples",
-        help="VITON-HD-layout folder (its test_pairs.txt), or 'samples' for the drawn sample set (default)",
+        help="tryon only: VITON-HD-layout folder (its test_pairs.txt), or 'samples' for the drawn sample set "
+        "(default)",
     )
     groups[TRYON].add_argument(
         "--eval-dir",
         metavar="DIR|samples",
-        help="folder for the quality gate (default: the calibration source, the pairs after those)",
+        help="tryon only: folder for the quality gate (default: the calibration source, the pairs after "
+        "those)",
     )
     for pipeline, thresholds in THRESHOLDS.items():
         for prefix, metavar, bounds, defaults in thresholds:

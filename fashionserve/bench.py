@@ -6,8 +6,11 @@ import json
 import os
 import platform
 import tempfile
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -32,15 +35,85 @@ def sample_batches(height: int, width: int, batches: list[int]) -> dict[int, dic
 
 
 def hair_sample_batches(size: int, batches: list[int]) -> dict[int, dict[str, np.ndarray]]:
-    """`hair_transfer` client inputs at size x size: the drawn sample portraits (cycled), each paired with
-    the next sample as the reference hairstyle, one request per batch size."""
+    """`hair_transfer` client inputs at size x size, one request per batch size: drawn sample portraits
+    (cycled) as faces, each with the next sample's hairstyle and the one after's hair colour (three
+    different images: every step of the transfer does its full work)."""
+
+    def portraits(offset: int, batch: int) -> np.ndarray:
+        return np.stack([draw_portrait(i + offset, size) for i in range(batch)])
+
     return {
         batch: {
-            "portrait": np.stack([draw_portrait(i, size) for i in range(batch)]),
-            "reference": np.stack([draw_portrait(i + 1, size) for i in range(batch)]),
+            "face": portraits(0, batch),
+            "shape_reference": portraits(1, batch),
+            "color_reference": portraits(2, batch),
         }
         for batch in batches
     }
+
+
+class StageTimer:
+    """Wall-clock seconds per stage of a PyTorch pipeline over one call, from forward hooks on its stage
+    modules (name -> module, e.g. HairPipeline.stages): a stage run several times in a call is summed
+    (`calls` counts them); a stage module called inside another stage counts in the outer one.
+    `synchronize` runs before each clock read (torch.cuda.synchronize for GPU work); another `clock`
+    measures something else per stage (e.g. a FlopCounterMode's running total: `seconds` are then FLOPs)."""
+
+    def __init__(
+        self,
+        stages: Mapping[str, Any],
+        synchronize: Callable[[], None] = lambda: None,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.synchronize, self.clock = synchronize, clock
+        self.seconds: dict[str, float] = {}
+        self.calls: dict[str, int] = {}
+        self._depth, self._started = 0, 0.0
+        for name, module in stages.items():
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(lambda *_, name=name: self._leave(name))
+
+    def reset(self) -> None:
+        self.seconds, self.calls = {}, {}
+
+    def _enter(self, *_) -> None:
+        if self._depth == 0:
+            self.synchronize()
+            self._started = self.clock()
+        self._depth += 1
+
+    def _leave(self, name: str) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + self.clock() - self._started
+            self.calls[name] = self.calls.get(name, 0) + 1
+
+
+def stage_summary(per_call: list[dict[str, float]], calls: dict[str, int]) -> dict[str, dict]:
+    """Per-call stage seconds (one dict per timed call) -> stage -> {calls per pipeline call, median ms}."""
+    return {
+        name: {"calls": calls[name], "ms": float(np.median([c.get(name, 0.0) for c in per_call])) * 1000.0}
+        for name in calls
+    }
+
+
+def stage_table(stages: dict[str, dict[str, dict]]) -> str:
+    """backend -> stage -> {calls, ms}: one row per stage (in the first backend's order), one column of
+    median milliseconds per backend, and the totals."""
+    backends = list(stages)
+    names = list(dict.fromkeys(name for backend in backends for name in stages[backend]))
+    lines = [
+        "| stage | calls per request | " + " | ".join(f"{b} ms" for b in backends) + " |",
+        "|---|---:|" + "---:|" * len(backends),
+    ]
+    for name in names:
+        calls = next(stages[b][name]["calls"] for b in backends if name in stages[b])
+        cells = [_fmt(stages[b][name]["ms"]) if name in stages[b] else "-" for b in backends]
+        lines.append(f"| {name} | {calls} | " + " | ".join(cells) + " |")
+    totals = [_fmt(sum(s["ms"] for s in stages[b].values())) for b in backends]
+    lines.append("| **sum of stages** | | " + " | ".join(totals) + " |")
+    return "\n".join(lines)
 
 
 @dataclass
@@ -208,19 +281,26 @@ def write_report(
     reference: str,
     settings: dict,
     findings: list[str],
+    stages: dict[str, dict[str, dict]] | None = None,
 ) -> Path:
-    """`<stem>.md` (table, findings, settings), `<stem>.json` (all numbers) and `<stem>.png` in out_dir."""
+    """`<stem>.md` (table, findings, per-stage table when `stages` is given, settings), `<stem>.json`
+    (all numbers) and `<stem>.png` in out_dir."""
     out_dir.mkdir(parents=True, exist_ok=True)
     plot(results, title, out_dir / f"{stem}.png")
     settings_lines = "\n".join(f"- {key}: {value}" for key, value in settings.items())
+    per_stage = (
+        f"\nPer stage at batch 1 (median ms per request):\n\n{stage_table(stages)}\n" if stages else ""
+    )
     text = (
         f"# {title}\n\n![{title}]({stem}.png)\n\n{markdown_table(results, reference)}\n\n"
         + "".join(f"- {line}\n" for line in findings)
+        + per_stage
         + f"\nSettings and machine:\n\n{settings_lines}\n"
     )
     path = out_dir / f"{stem}.md"
     path.write_text(text)
-    (out_dir / f"{stem}.json").write_text(
-        json.dumps({"settings": settings, "results": [r.summary() for r in results]}, indent=2) + "\n"
-    )
+    numbers = {"settings": settings, "results": [r.summary() for r in results]}
+    if stages:
+        numbers["stages"] = stages
+    (out_dir / f"{stem}.json").write_text(json.dumps(numbers, indent=2) + "\n")
     return path

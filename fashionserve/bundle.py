@@ -17,6 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 from torch import Tensor, nn
+from tritonclient.grpc import model_config_pb2 as mc
 
 from fashionserve.checkpoints import sha256_file
 from fashionserve.onnx_export import OPSET, ExportError, export_onnx, max_abs_error, run_onnx, tensor_specs
@@ -58,6 +59,7 @@ def record_stage_runs(
     name. A model that several steps use (e.g. one encoder for two images) is recorded once, its calls
     concatenated along the batch: every stage treats the samples of a batch independently."""
     ensemble = read_config(TRACKED_REPOSITORY / pipeline / "config.pbtxt")
+    _refuse_unused_tensors(pipeline, ensemble)
     values = dict(zip([t.name for t in ensemble.input], client_inputs, strict=True))  # tensor -> value
     by_name = {stage.name: stage for stage in stages}
     calls: dict[str, list[tuple[tuple[Tensor, ...], tuple[Tensor, ...]]]] = {}
@@ -79,6 +81,17 @@ def record_stage_runs(
         name: (_concatenate([a for a, _ in runs]), _concatenate([o for _, o in runs]))
         for name, runs in calls.items()
     }
+
+
+def _refuse_unused_tensors(pipeline: str, ensemble: mc.ModelConfig) -> None:
+    """Triton refuses to load an ensemble with a step output that nothing reads: fail here first, where
+    the PyTorch wiring tests run in seconds."""
+    read = {t.name for t in ensemble.output}
+    read.update(v for step in ensemble.ensemble_scheduling.step for v in step.input_map.values())
+    for step in ensemble.ensemble_scheduling.step:
+        for tensor in step.output_map.values():
+            if tensor not in read:
+                raise ValueError(f"ensemble {pipeline}: tensor {tensor!r} of {step.model_name} is never read")
 
 
 def _concatenate(calls: list[tuple[Tensor, ...]]) -> tuple[Tensor, ...]:
@@ -184,13 +197,12 @@ def _export_stage(
     dynamic_axes: dict[str, dict[int, str]] = {}
     for tensor, axis, name in stage.dynamic_axes:
         dynamic_axes.setdefault(tensor, {})[axis] = name
-    # the largest recorded batch the ONNX file accepts (a stage used by two steps runs twice the batch)
-    examples = [run[stage.name][0] for run in runs if len(run[stage.name][0][0]) <= max_batch]
-    if not examples:
-        raise ExportError(f"{stage.name}: every parity batch is larger than the max batch {max_batch}")
+    # trace with the largest recorded batch the ONNX file accepts (a stage several steps use records
+    # several times the batch: its first max_batch samples then)
+    largest = max((run[stage.name][0] for run in runs), key=lambda args: len(args[0]))
     export_onnx(
         module,
-        examples[-1],
+        tuple(tensor[:max_batch] for tensor in largest),
         path,
         list(stage.inputs),
         list(stage.outputs),

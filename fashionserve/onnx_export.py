@@ -9,7 +9,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils import remove_spectral_norm
 
 OPSET = 18
 
@@ -38,6 +40,31 @@ def rsqrt_with_epsilon(x: torch.Tensor, epsilon: float) -> torch.Tensor:
     NaN. The clamp changes nothing in PyTorch (x + epsilon is at least epsilon) but stays in the graph.
     """
     return (x + epsilon).clamp_min(epsilon).rsqrt()
+
+
+SPECTRAL_NORM_ITERATIONS = 20  # power iterations run on freshly initialised spectral-norm vectors
+
+
+@torch.no_grad()
+def converge_spectral_norms(module: nn.Module) -> None:
+    """Power-iterate the random initial u, v of every spectral-normed layer in `module`: with random
+    vectors the eval-mode sigma = u . (W v) can be close to 0 and blow the weights up (SEAN at tiny
+    widths reached 1e13 before its tanh). A loaded checkpoint overwrites u and v."""
+    for layer in module.modules():
+        if hasattr(layer, "weight_orig"):
+            matrix = layer.weight_orig.flatten(1)
+            for _ in range(SPECTRAL_NORM_ITERATIONS):
+                layer.weight_v.copy_(F.normalize(matrix.t() @ layer.weight_u, dim=0, eps=1e-12))
+                layer.weight_u.copy_(F.normalize(matrix @ layer.weight_v, dim=0, eps=1e-12))
+
+
+def fold_spectral_norms(module: nn.Module) -> None:
+    """Replace every spectral-normed layer's weight_orig/u/v by its plain eval-mode weight (in place,
+    idempotent), so that it exports as a plain convolution."""
+    for layer in module.modules():
+        if hasattr(layer, "weight_orig"):
+            # weight_orig / (u . W v) without a power iteration, i.e. the eval-mode weight.
+            remove_spectral_norm(layer)
 
 
 def export_onnx(

@@ -258,15 +258,21 @@ def _fp16_blocked_op_types() -> list[str]:
 
 def convert_fp16(model: onnx.ModelProto, excluded_nodes: list[str], out_path: Path) -> None:
     """FP16 copy of `model` with fp32 inputs/outputs; blocked op types and `excluded_nodes` stay fp32."""
+    # The converter retypes a Cast-to-fp32's output as fp16 but leaves its `to` (e.g. integer labels to
+    # float for a nearest resize), so ONNX Runtime refuses the model: such Casts stay fp32, as written.
+    casts_to_fp32 = [
+        n.name for n in model.graph.node if n.op_type == "Cast" and _cast_target(n) == onnx.TensorProto.FLOAT
+    ]
+    kept = [*excluded_nodes, *(name for name in casts_to_fp32 if name not in excluded_nodes)]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # it warns once per tiny weight it rounds to its minimum (1e-7)
         detached = _detach_graph_outputs(model)
-        _split_shared_initializers(detached, excluded_nodes)
+        _split_shared_initializers(detached, kept)
         converted = float16.convert_float_to_float16(
             detached,
             keep_io_types=True,
             op_block_list=_fp16_blocked_op_types(),
-            node_block_list=excluded_nodes,
+            node_block_list=kept,
         )
     _collapse_cast_round_trips(converted)
     onnx.save(converted, str(out_path))

@@ -15,13 +15,14 @@ What is sent follows the served model's inputs (read from its metadata):
   garment_classifier   product photos: drawn ones (256x192, one per class), or the cloth images of
                        the pairs of a VITON-HD folder (--dataroot)
   fashion_generator    latent vectors drawn from N(0, I) with seed 1, as client/generate.py draws them
-  hair_transfer        the drawn sample portraits at the model's size, each with the next one's hair
+  hair_transfer        the drawn sample portraits at the model's size as faces, each with the next
+                       one as the hairstyle (shape) reference and the one after as the colour reference
   hair_edit            the drawn sample portraits with client/hair.py's sample direction, strengths
                        spread over [-3, 3]
   web                  not a Triton model: people on the web app (`python -m web`; --host is its
                        URL, default http://127.0.0.1:8080), each sending the pages' requests in turn
-                       (--web-pages): try-on with the catalogue's first pair, a hairstyle transfer and
-                       an edit of the drawn samples
+                       (--web-pages): try-on with the catalogue's first pair, a hairstyle transfer
+                       (face, hairstyle and colour: three different drawn samples) and an edit of one
 
     locust -f tests/load.py --headless -u 8 -t 60s --model web --host http://127.0.0.1:8080
 
@@ -185,18 +186,22 @@ def latent_samples(client: TritonModelClient, options: argparse.Namespace) -> li
     return [{"latents": vector} for vector in latents.astype(np.float32)]
 
 
-def _portraits(client: TritonModelClient, options: argparse.Namespace) -> list[np.ndarray]:
+def _portraits(client: TritonModelClient, options: argparse.Namespace, name: str) -> list[np.ndarray]:
+    """The drawn sample portraits at the size of the model's input `name`."""
     if options.dataroot:
         raise ClientError(f"model '{client.model}' takes drawn portraits; --dataroot is not used with it")
-    size = next(spec.shape[0] for spec in client.inputs if spec.name == "portrait")
+    size = next(spec.shape[0] for spec in client.inputs if spec.name == name)
     return list(sample_portraits(size).values())
 
 
 def hair_transfer_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
-    """The drawn sample portraits, each with the next one as the hairstyle reference."""
-    portraits = _portraits(client, options)
-    references = portraits[1:] + portraits[:1]
-    return [{"portrait": p, "reference": r} for p, r in zip(portraits, references, strict=True)]
+    """The drawn sample portraits, each with the next one's hairstyle and the one after's colour."""
+    faces = _portraits(client, options, "face")
+    shapes, colors = faces[1:] + faces[:1], faces[2:] + faces[:2]
+    return [
+        {"face": face, "shape_reference": shape, "color_reference": color}
+        for face, shape, color in zip(faces, shapes, colors, strict=True)
+    ]
 
 
 def hair_edit_samples(client: TritonModelClient, options: argparse.Namespace) -> list[Sample]:
@@ -204,7 +209,7 @@ def hair_edit_samples(client: TritonModelClient, options: argparse.Namespace) ->
     n_latent, style_dim = next(spec.shape for spec in client.inputs if spec.name == "direction")
     direction = np.repeat(sample_direction(style_dim)[None], n_latent, axis=0)
     strengths = np.linspace(-3.0, 3.0, options.samples, dtype=np.float32)
-    portraits = itertools.cycle(_portraits(client, options))
+    portraits = itertools.cycle(_portraits(client, options, "portrait"))
     return [
         {"portrait": next(portraits), "direction": direction, "strength": strength[None]}
         for strength in strengths
@@ -216,7 +221,7 @@ SOURCES: dict[frozenset[str], Callable[[TritonModelClient, argparse.Namespace], 
     frozenset(TRYON_INPUTS): tryon_samples,
     frozenset({"image"}): photo_samples,
     frozenset({"latents"}): latent_samples,
-    frozenset({"portrait", "reference"}): hair_transfer_samples,
+    frozenset({"face", "shape_reference", "color_reference"}): hair_transfer_samples,
     frozenset({"portrait", "direction", "strength"}): hair_edit_samples,
 }
 
@@ -340,14 +345,14 @@ class WebUser(HttpUser):
         self.completed = self.failed = 0
         pages = [page for page in self.environment.parsed_options.web_pages.split(",") if page]
         config = self.client.get("/api/config", name="web /api/config").json()
-        portrait, reference = config["hair_samples"][:2]
+        face, shape, color = config["hair_samples"][:3]
         forms = {
             "tryon": ("/api/tryon", {"person": config["persons"][0], "garment": config["garments"][0]}),
-            "hair": ("/api/hair/transfer", {"portrait_sample": portrait, "reference_sample": reference}),
-            "edit": (
-                "/api/hair/edit",
-                {"portrait_sample": portrait, "direction": "sample", "strength": "1.5"},
+            "hair": (
+                "/api/hair/transfer",
+                {"face_sample": face, "shape_sample": shape, "color_sample": color},
             ),
+            "edit": ("/api/hair/edit", {"portrait_sample": face, "direction": "sample", "strength": "1.5"}),
         }
         self.requests = itertools.islice(itertools.cycle([forms[page] for page in pages]), self.user_id, None)
 

@@ -1,8 +1,16 @@
 """bench/pipeline.py as a user runs it, on the test bundles with one timed call per backend and batch."""
 
 import json
+from collections import Counter
 from pathlib import Path
 
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fashionserve.hair.bundle import load_networks, transfer_inputs
+from fashionserve.hair.stages import HairConfig
+from fashionserve.repository import ensemble_steps
 from tests.conftest import run_cli
 
 BACKENDS = ("pytorch-eager", "onnxruntime", "onnxruntime-nospin", "triton-grpc")
@@ -32,30 +40,41 @@ def test_pipeline_benchmark_writes_table_plot_and_numbers(tmp_path: Path, tryon_
     assert (out / "smoke.png").read_bytes().startswith(b"\x89PNG")
 
 
-def test_hair_benchmark_exports_and_compares_every_backend_with_pytorch(tmp_path: Path) -> None:
-    """--pipeline hair exports the tests' hair configuration (random-init) and times hair_transfer: the
-    bare ONNX Runtime chain and the ensemble must compute PyTorch's images from the drawn portraits."""
+def test_hair_benchmark_compares_every_backend_with_pytorch_per_stage_and_end_to_end(
+    tmp_path: Path, hair_bundle, hair_pipeline
+) -> None:
+    """--pipeline hair on the session's tiny bundle (its PyTorch weights passed along, since the tests
+    modify the random-init networks): the bare ONNX Runtime chain and the ensemble must compute PyTorch's
+    images from the drawn portraits, and every stage of hair_transfer gets a time in each backend."""
+    bundle, manifest = hair_bundle
+    weights = tmp_path / "pipeline.pt"
+    torch.save(hair_pipeline.state_dict(), weights)
     out = tmp_path / "report"
-    args = ("--pipeline", "hair", "--batches", "1,2", "--iterations", "1", "--rounds", "1", "--warmup", "1")
-    result = run_cli("bench/pipeline.py", *args, "--threads", "1", "--out", str(out), timeout=300)
+    args = ("--pipeline", "hair", "--bundle", str(bundle), "--torch-weights", str(weights))
+    args += ("--batches", "1", "--iterations", "1", "--rounds", "1", "--warmup", "1", "--stage-calls", "1")
+    result = run_cli("bench/pipeline.py", *args, "--threads", "1", "--out", str(out), timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "exporting the small hair pipeline (64x64-narrow, random-init seed 0)" in result.stdout
 
-    stem = "hair-cpu-64x64-narrow-threads1"  # the default name
+    stem = "hair-cpu-256x256-tiny-threads1"  # the default name
     numbers = json.loads((out / f"{stem}.json").read_text())
     rows = {(r["backend"], r["batch"]): r for r in numbers["results"]}
-    assert set(rows) == {(backend, batch) for backend in HAIR_BACKENDS for batch in (1, 2)}
+    assert set(rows) == {(backend, 1) for backend in HAIR_BACKENDS}
     for row in rows.values():
         assert row["iterations"] == 1 and row["throughput_images_per_s"] > 0 and row["peak_memory_mb"] > 0
         # a parser label may flip at a near tie (a band of pixels differs); the images must agree
         assert row["mean_diff"] < 0.5, row
     assert numbers["settings"]["ensemble"] == "hair_transfer"
-    assert numbers["settings"]["weights"].startswith("random-init")
-    assert "image_size 64, generator_size 32" in numbers["settings"]["pipeline"]
+    assert "image_size 256, widths tiny" in numbers["settings"]["pipeline"]
 
+    steps = Counter(step.model_name for step in ensemble_steps("hair_transfer"))
+    stages = numbers["stages"]
+    assert set(stages) == {"pytorch-eager", "onnxruntime", "onnxruntime-nospin", "triton-grpc"}
+    for backend, per_stage in stages.items():
+        assert {name: s["calls"] for name, s in per_stage.items()} == steps, backend
+        assert all(s["ms"] > 0 for s in per_stage.values()), backend
     report = (out / f"{stem}.md").read_text()
-    assert report.startswith("# Hair transfer pipeline 64x64-narrow, CPU")
-    assert all(f"| {backend} | 2 |" in report for backend in HAIR_BACKENDS)
+    assert report.startswith("# Hair transfer pipeline 256x256-tiny, CPU")
+    assert "| hair_encoder | 5 |" in report and "**sum of stages**" in report
     assert "mean abs diff |" in report and "Goal < 10% at batch 1" in report
     assert (out / f"{stem}.png").read_bytes().startswith(b"\x89PNG")
 
@@ -78,3 +97,35 @@ def test_pipeline_benchmark_missing_bundle_is_one_line(tmp_path: Path) -> None:
         f"error: not a bundle (no manifest.json): {tmp_path / 'nope'}"
     ]
     assert not list(tmp_path.iterdir())
+
+
+def test_hair_projection_counts_every_transfer_step_and_projects_from_the_counts(tmp_path: Path) -> None:
+    """bench/hair_projection.py at the test size: every hair_transfer step is counted (runs = the
+    ensemble's steps of that model), e4e's five runs are five times one counted call, and the A100
+    figures follow from the FLOPs; a stage time from --cpu-report becomes that stage's FLOP rate."""
+    cpu_report = tmp_path / "cpu.json"
+    encoder_time = {"hair_encoder": {"calls": 5, "ms": 100.0}}
+    cpu_report.write_text(json.dumps({"stages": {"onnxruntime": encoder_time}}))
+    args = ("--resolution", "256", "--widths", "tiny", "--cpu-report", str(cpu_report), "--name", "p")
+    result = run_cli("bench/hair_projection.py", *args, "--out", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((tmp_path / "p.json").read_text())
+    assert record["runs"] == dict(Counter(step.model_name for step in ensemble_steps("hair_transfer")))
+
+    pipeline, _ = load_networks(HairConfig(256, "tiny"), None, 0)
+    pipeline.requires_grad_(False)
+    with torch.no_grad():
+        face = transfer_inputs(HairConfig(256, "tiny"), 1, 0)[0]
+        encoder_input = pipeline.stages["hair_preprocess"](face)[1]
+        with FlopCounterMode(display=False) as counter:
+            pipeline.stages["hair_encoder"](encoder_input)
+    assert record["flops"]["hair_encoder"] == 5 * counter.get_total_flops()
+    total = sum(record["flops"].values())
+    assert record["projected_ms"]["fp16"] == pytest.approx(total / (312e12 * 0.3) * 1e3)
+    report = (tmp_path / "p.md").read_text()
+    rate = record["flops"]["hair_encoder"] / 1e9 / 0.1
+    assert f"| hair_encoder | 5 | {record['flops']['hair_encoder'] / 1e9:.1f} |" in report
+    assert f"| 100 | {rate:.1f} |" in report
+
+    missing = run_cli("bench/hair_projection.py", "--cpu-report", str(tmp_path / "nope.json"))
+    assert missing.returncode == 2 and missing.stderr.count("\n") == 1 and "nope.json" in missing.stderr

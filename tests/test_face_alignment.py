@@ -26,13 +26,9 @@ from fashionserve.hair.alignment import (
     warp_to_crop,
 )
 from fashionserve.hair.bundle import TRANSFER
-from tests import test_hair_pipeline
-from tests.conftest import run_cli
-from tests.test_hair_pipeline import SIZE, one_line_error
+from tests.conftest import HAIR_CONFIG, one_line_error, run_cli
 
-# the hair pipeline tests' tiny bundle served by the real Triton (module-scoped fixtures, used here as is)
-checkpoints, bundle = test_hair_pipeline.checkpoints, test_hair_pipeline.bundle
-server = test_hair_pipeline.server
+SIZE = HAIR_CONFIG.image_size  # the side of the crops the tiny hair bundle (conftest's hair_server) takes
 
 ASTRONAUT_FACE = (175, 76, 266, 167)  # dlib's box on skimage.data.astronaut(), left top right bottom
 
@@ -240,6 +236,7 @@ def photos(tmp_path_factory) -> Path:
     astronaut = Image.fromarray(data.astronaut())
     astronaut.save(folder / "astronaut.png")
     astronaut.transpose(Image.FLIP_LEFT_RIGHT).save(folder / "mirrored.png")
+    astronaut.resize((700, 700), Image.LANCZOS).rotate(10, Image.BICUBIC).save(folder / "turned.png")
     Image.fromarray(data.coffee()).save(folder / "coffee.png")
     pair = Image.new("RGB", (900, 512), (200, 200, 200))
     pair.paste(astronaut, (0, 0))
@@ -250,64 +247,65 @@ def photos(tmp_path_factory) -> Path:
     return folder
 
 
-def test_client_transfers_hair_on_an_unaligned_photo_through_triton(server, photos, aligner, tmp_path):
+def test_client_transfers_hair_on_unaligned_photos_through_triton(hair_server, photos, aligner, tmp_path):
     out = tmp_path / "out"
     result = run_cli(
-        "client/hair.py", "--portrait", str(photos / "astronaut.png"),
-        "--reference", str(photos / "mirrored.png"), "--url", server.grpc_url, "--out", str(out),
+        "client/hair.py", "--face", str(photos / "astronaut.png"), "--shape", str(photos / "mirrored.png"),
+        "--color", str(photos / "turned.png"), "--url", hair_server.grpc_url, "--out", str(out),
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "astronaut.png: face 91x91 px" in result.stdout and "found" not in result.stdout
-    served = np.asarray(Image.open(out / "astronaut_hair_mirrored.png"))
+    assert "mirrored.png: face" in result.stdout and "turned.png: face" in result.stdout  # all three aligned
+    served = np.asarray(Image.open(out / "astronaut_hair_mirrored_color_turned.png"))
     astronaut = data.astronaut()
     assert served.shape == astronaut.shape
     # the same crops sent by hand, the result pasted with the library: the client's file, bit for bit
-    portrait = aligner.align(astronaut, SIZE, "astronaut")
-    reference = aligner.align(np.asarray(Image.open(photos / "mirrored.png")), SIZE, "mirrored")
-    client = TritonModelClient(server.grpc_url, TRANSFER)
-    crop = client.infer({"portrait": portrait.crop[None], "reference": reference.crop[None]})["hair_image"][0]
+    face = aligner.align(astronaut, SIZE, "astronaut")
+    shape, color = (
+        aligner.align(np.asarray(Image.open(photos / name)), SIZE, name).crop
+        for name in ("mirrored.png", "turned.png")
+    )
+    client = TritonModelClient(hair_server.grpc_url, TRANSFER)
+    inputs = {"face": face.crop[None], "shape_reference": shape[None], "color_reference": color[None]}
+    crop = client.infer(inputs)["hair_image"][0]
     client.close()
-    assert np.array_equal(served, paste_into_photo(astronaut, portrait.alignment, portrait.crop, crop))
+    assert np.array_equal(served, paste_into_photo(astronaut, face.alignment, face.crop, crop))
+    assert (crop != face.crop).any(-1).mean() > 0.9  # HairFastGAN regenerates the whole crop
     changed = (served != astronaut).any(-1)
-    assert changed.any() and not np.array_equal(crop, portrait.crop)
-    corners = portrait.alignment.corners
+    assert changed.any()
+    corners = face.alignment.corners
     rows, cols = np.nonzero(changed)
     assert cols.min() >= corners[:, 0].min() - 1 and cols.max() <= corners[:, 0].max() + 1
     assert rows.min() >= corners[:, 1].min() - 1 and rows.max() <= corners[:, 1].max() + 1
-    # several faces: the largest, said so
+    # several faces: the largest, said so (here in an edit)
     several = run_cli(
-        "client/hair.py", "--portrait", str(photos / "pair.png"), "--strength", "1",
-        "--url", server.grpc_url, "--out", str(out),
+        "client/hair.py", "--face", str(photos / "pair.png"), "--strength", "1",
+        "--url", hair_server.grpc_url, "--out", str(out),
     )  # fmt: skip
     assert several.returncode == 0, several.stderr
     assert "pair.png: found 2 faces, using the largest: face 91x91 px at (175, 76)" in several.stdout
+    assert (out / "pair_edit_sample_1.png").is_file()
 
 
-def test_client_refuses_bad_photos_in_one_line(server, photos, tmp_path):
-    url = ["--url", server.grpc_url, "--out", str(tmp_path / "out")]
-    reference = ["--reference", str(photos / "astronaut.png")]
+def test_client_refuses_bad_photos_in_one_line(hair_server, photos, tmp_path):
+    out = tmp_path / "out"
+    url = ["--url", hair_server.grpc_url, "--out", str(out)]
+    astronaut = str(photos / "astronaut.png")
+    shape = ["--shape", astronaut]
     cases = [
-        (["--portrait", str(photos / "coffee.png"), *reference], f"no face found in {photos / 'coffee.png'}"),
-        (
-            ["--portrait", str(photos / "astronaut.png"), *reference, "--landmark-model", "none.dat"],
-            "landmark model not found: none.dat",
-        ),
-        (["--portrait", str(photos / "big.png"), *reference], "8000x6000 (48.0 megapixels), over the limit"),
-        (["--portrait", str(photos / "notes.png"), *reference], "cannot read image"),
-        (["--portrait", str(photos / "astronaut.png"), "--reference", str(photos / "coffee.png")], "no face"),
+        (["--face", str(photos / "coffee.png"), *shape], f"face: no face found in {photos / 'coffee.png'}"),
+        (["--face", astronaut, *shape, "--landmark-model", "none.dat"], "landmark model not found: none.dat"),
+        (["--face", str(photos / "big.png"), *shape], "8000x6000 (48.0 megapixels), over the limit"),
+        (["--face", str(photos / "notes.png"), *shape], "cannot read image"),
+        (["--face", astronaut, "--shape", str(photos / "coffee.png")], "shape reference: no face"),
+        (["--face", astronaut, *shape, "--color", str(photos / "coffee.png")], "colour reference: no face"),
     ]
     for args, fragment in cases:
-        assert fragment in one_line_error(run_cli("client/hair.py", *args, *url)), args
-    too_small = one_line_error(
-        run_cli(
-            "client/hair.py",
-            "--portrait",
-            str(photos / "astronaut.png"),
-            *reference,
-            "--max-upscale",
-            "0.25",
-            *url,
-        )
+        one_line_error(run_cli("client/hair.py", *args, *url), fragment)
+    # the astronaut's crop is 174 px across: enlarging it to the 256 px crop is refused at --max-upscale 1
+    one_line_error(
+        run_cli("client/hair.py", "--face", astronaut, *shape, "--max-upscale", "1", *url),
+        "too small: 91x91 px",
+        f"need at least {SIZE} px",
     )
-    assert "too small: 91x91 px" in too_small and "need at least 256 px" in too_small
-    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+    assert not out.exists() or not list(out.iterdir())

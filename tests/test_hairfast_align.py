@@ -240,6 +240,19 @@ def test_inpainter_noise_follows_upstream_draws():
     assert (other - actual).abs().max() > 1e-4  # the noise matters with these weights
 
 
+def test_spectral_norms_are_converged_at_construction():
+    """A fresh SEAN's eval-mode sigma = u . (W v) is each weight's largest singular value, so random-init
+    weights are scaled like trained ones (random u, v made the tiny SEAN's output a saturated +-1)."""
+    torch.manual_seed(26)
+    generator = SEANGenerator(noise=False, **TINY_SEAN)
+    layers = [layer for layer in generator.modules() if hasattr(layer, "weight_orig")]
+    assert layers
+    for layer in layers:
+        matrix = layer.weight_orig.detach().flatten(1)
+        sigma = layer.weight_u @ matrix @ layer.weight_v
+        torch.testing.assert_close(sigma, torch.linalg.matrix_norm(matrix, ord=2), rtol=0.05, atol=0)
+
+
 def test_fold_spectral_norm_keeps_the_output():
     ours, _ = sean_pair(seed=23, noise=False)
     segmentation = one_hot_labels(random_labels(2, SEAN_SIZE, 24), CLASSES)

@@ -1,4 +1,5 @@
-"""FP16/INT8 variants of the tiny try-on bundle: files, exclusions, the quality gate, serving a variant."""
+"""FP16/INT8 variants of the tiny try-on and hair bundles: files, exclusions, the quality gate, serving a
+variant."""
 
 import json
 import shutil
@@ -12,9 +13,24 @@ from onnx import numpy_helper
 
 from fashionserve.checkpoints import sha256_file
 from fashionserve.client import TritonModelClient
+from fashionserve.hair.bundle import EDIT, TRANSFER
+from fashionserve.hair.bundle import STAGES as HAIR_STAGES
+from fashionserve.hair.quantize import (
+    EVALUATION_SEED,
+    HairQuantizeOptions,
+    final_stage,
+    gate,
+    onnx_stages,
+    pipeline_images,
+    portrait_samples,
+    quantize_hair_bundle,
+)
+from fashionserve.hair.quantize import (
+    NETWORKS as HAIR_NETWORKS,
+)
 from fashionserve.launcher import TritonServer
 from fashionserve.onnx_export import tensor_specs
-from fashionserve.plans import HEAVY_NETWORKS
+from fashionserve.plans import HEAVY_NETWORKS, plan_networks
 from fashionserve.quantization import (
     Thresholds,
     build_network_variant,
@@ -34,7 +50,7 @@ from fashionserve.tryon.quantize import (
     load_samples,
     quantize_bundle,
 )
-from tests.conftest import TEST_CONFIG, run_cli
+from tests.conftest import HAIR_CONFIG, TEST_CONFIG, run_cli
 
 SIZE = (TEST_CONFIG.height, TEST_CONFIG.width)
 
@@ -223,6 +239,26 @@ def test_fp16_excluded_gemm_sharing_its_bias_with_converted_gemms_loads_and_stay
     np.testing.assert_allclose(actual, expected, rtol=1e-2, atol=1e-2)
 
 
+def test_fp16_keeps_a_cast_to_float_of_integer_labels_loadable(tmp_path):
+    """Like the hair label maps (int64) cast to float for a nearest resize: the converter retypes the
+    Cast's output to fp16 but leaves its `to`, and ONNX Runtime would refuse the model."""
+    cast = onnx.helper.make_node("Cast", ["labels"], ["labels_float"], name="cast", to=onnx.TensorProto.FLOAT)
+    scale = onnx.helper.make_node("Mul", ["labels_float", "weight"], ["out"], name="mul")
+    graph = onnx.helper.make_graph(
+        [cast, scale],
+        "labels",
+        [onnx.helper.make_tensor_value_info("labels", onnx.TensorProto.INT64, [2, 3])],
+        [onnx.helper.make_tensor_value_info("out", onnx.TensorProto.FLOAT, [2, 3])],
+        [numpy_helper.from_array(np.full((3,), 0.5, np.float32), "weight")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
+    path = tmp_path / "fp16.onnx"
+    convert_fp16(model, [], path)
+    labels = np.arange(6).reshape(2, 3)
+    (out,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"labels": labels})
+    np.testing.assert_array_equal(out, labels * 0.5)
+
+
 def test_samples_from_a_dataset_folder_wrap_round_its_pairs(samples_dir):
     calibration = load_samples(samples_dir, *SIZE, count=3)
     assert calibration.source == str(samples_dir)
@@ -291,3 +327,87 @@ def test_cli_refuses_a_missing_calibration_folder(tryon_bundle, tmp_path):
     result = run_cli("export/quantize.py", str(bundle), "--max-swd-int8", "5")  # a generator option
     assert result.returncode == 2
     assert result.stderr == f"error: --max-swd-int8 does not apply to a tryon bundle ({bundle})\n"
+
+
+def perturbed(model_path: Path, dest: Path, scale: float = 0.3) -> Path:
+    """A copy of an ONNX file with noise (`scale` times each tensor's mean magnitude) on every weight
+    matrix and kernel: a variant gone wrong."""
+    model = onnx.load(str(model_path))
+    rng = np.random.default_rng(0)
+    for initializer in model.graph.initializer:
+        weights = numpy_helper.to_array(initializer)
+        if weights.dtype in (np.float16, np.float32) and weights.ndim >= 2:
+            noise = rng.normal(0.0, scale * float(np.abs(weights).mean()), weights.shape)
+            initializer.CopyFrom(
+                numpy_helper.from_array((weights + noise).astype(weights.dtype), initializer.name)
+            )
+    onnx.save(model, str(dest))
+    return dest
+
+
+# Each network's variants cost a whole-pipeline run or more (see fashionserve/hair/quantize.py): the test
+# quantizes one network of each kind, used by both ensembles (e4e, the generator) or by the transfer only.
+HAIR_TEST_NETWORKS = ("hair_encoder", "hair_generator", "hair_final_synthesis")
+
+
+@pytest.fixture(scope="module")
+def hair_quantized(hair_bundle, tmp_path_factory) -> tuple[Path, dict]:
+    bundle = copy_bundle(hair_bundle[0], tmp_path_factory.mktemp("quantized") / "hair")
+    options = HairQuantizeOptions(calibration_samples=2, eval_samples=2, networks=HAIR_TEST_NETWORKS)
+    return bundle, quantize_hair_bundle(bundle, options, log=lambda _: None)
+
+
+def test_hair_variants_cover_the_tensorrt_networks_and_the_gate_reads_each_ensembles_image(hair_bundle):
+    assert list(HAIR_NETWORKS) == plan_networks(hair_bundle[1])
+    assert final_stage(TRANSFER) == "hair_final_synthesis" and final_stage(EDIT) == "hair_composite"
+
+
+def test_hair_variants_replace_the_heavy_networks_with_fp32_inputs_and_outputs(hair_quantized):
+    bundle, manifest = hair_quantized
+    assert read_manifest(bundle) == manifest
+    assert not list(bundle.rglob("*.partial"))
+    for variant in ("fp16", "int8"):
+        record = manifest["variants"][variant]
+        assert record["passed"], record["reason"]
+        assert record["weights"] == "random-init" and record["evaluation"]["samples"] == 2
+        assert list(record["networks"]) == list(HAIR_TEST_NETWORKS)
+        for network, entry in record["networks"].items():
+            path = bundle / entry["file"]
+            assert entry["file"] == f"{network}/model.{variant}.onnx" and entry["sha256"] == sha256_file(path)
+            assert tensor_specs(path) == tensor_specs(bundle / network / "model.onnx")
+            assert entry["chosen_excluded_layers"] == 0  # every variant met its threshold unaided
+
+
+@pytest.mark.parametrize("ensemble, network", [(TRANSFER, "hair_final_synthesis"), (EDIT, "hair_generator")])
+def test_hair_gate_passes_the_variant_and_fails_it_with_perturbed_weights(
+    hair_quantized, tmp_path, ensemble, network
+):
+    """On each ensemble's images alone, a broken network fails the gate: the last synthesis through the
+    transfer's images, the generator through the edit's. (The random-init transfer images hardly depend
+    on e4e or the generator: broken, they still pass; a trained model's would not.)"""
+    bundle, manifest = hair_quantized
+    files = {n: bundle / e["file"] for n, e in manifest["variants"]["fp16"]["networks"].items()}
+    samples = [s for s in portrait_samples(HAIR_CONFIG, 4, EVALUATION_SEED) if s[0] == ensemble]
+    references = pipeline_images(onnx_stages(bundle, manifest), samples)
+    thresholds = default_thresholds("fp16")
+    quality, failures = gate(bundle, manifest, files, samples, references, thresholds)
+    assert not failures and quality["ssim_mean"] < 1.0, quality  # the fp16 networks ran
+
+    broken = {**files, network: perturbed(files[network], tmp_path / "broken.onnx")}
+    quality, failures = gate(bundle, manifest, broken, samples, references, thresholds)
+    assert failures and failures[0].startswith("SSIM"), quality
+
+
+def test_hair_render_serves_the_variant_networks(hair_quantized, tmp_path):
+    bundle, manifest = hair_quantized
+    render_repository(bundle, manifest, tmp_path / "int8", target="cpu", variant="int8")
+    for stage in HAIR_STAGES:
+        served = (tmp_path / "int8" / stage.name / "1" / "model.onnx").read_bytes()
+        expected = "model.int8.onnx" if stage.name in HAIR_TEST_NETWORKS else "model.onnx"
+        assert served == (bundle / stage.name / expected).read_bytes(), stage.name
+
+
+def test_hair_cli_refuses_the_dataset_options(hair_bundle):
+    result = run_cli("export/quantize.py", str(hair_bundle[0]), "--calibration-dir", "data/viton-hd")
+    assert result.returncode == 2
+    assert result.stderr == f"error: --calibration-dir does not apply to a hair bundle ({hair_bundle[0]})\n"

@@ -5,6 +5,7 @@ concurrency guarantees in process, and the three pages in a real headless Chromi
 Set WEB_SCREENSHOTS=docs to save a screenshot of each page as docs/web_<page>.png."""
 
 import asyncio
+import base64
 import contextlib
 import io
 import json
@@ -30,19 +31,15 @@ from tritonclient.utils import InferenceServerException
 from fashionserve import registry
 from fashionserve.client import TritonModelClient
 from fashionserve.hair.alignment import FaceAligner, paste_into_photo
-from fashionserve.hair.bundle import export_bundle as export_hair_bundle
-from fashionserve.hair.bundle import load_networks as load_hair_networks
 from fashionserve.hair.samples import sample_direction, sample_portraits
 from fashionserve.launcher import TritonServer
 from fashionserve.mlflow_server import MlflowServer
 from fashionserve.processes import free_ports, wait_until
 from fashionserve.sync import ADMIN_HEADER, sync_once
 from fashionserve.tryon.dataset import load_tryon_inputs, read_pairs
-from tests.conftest import PROJECT_ROOT, TEST_CONFIG
-from tests.test_hair_pipeline import CONFIG as HAIR_CONFIG
-from tests.test_hair_pipeline import write_checkpoints
+from tests.conftest import HAIR_CONFIG, PROJECT_ROOT, TEST_CONFIG
 from web import app as web_app
-from web.app import Settings, create_app, garment_from_photo
+from web.app import SAMPLE_NAMES, Settings, create_app, garment_from_photo
 
 HAIR_SIZE = HAIR_CONFIG.image_size
 SCREENSHOTS = os.environ.get("WEB_SCREENSHOTS")
@@ -62,21 +59,18 @@ RESTRICTED = [
 
 
 @pytest.fixture(scope="module")
-def stack(tmp_path_factory, tryon_bundle):
-    """Triton serving `tryon` and `hair` (transfer, edit) as version 1 of each registered model, synced
-    from MLflow, its model control restricted to the admin key as in compose and k8s. Yields (triton,
-    mlflow url)."""
+def stack(tmp_path_factory, tryon_bundle, hair_bundle):
+    """Triton serving `tryon` and `hair` (transfer, edit: the tests' tiny random-init HairFastGAN whose
+    parser finds hair) as version 1 of each registered model, synced from MLflow, its model control
+    restricted to the admin key as in compose and k8s. Yields (triton, mlflow url)."""
     root = tmp_path_factory.mktemp("web-stack")
-    checkpoints = write_checkpoints(root / "checkpoints", seed=1)  # parsers that find hair
-    hair, provenance = load_hair_networks(HAIR_CONFIG, *checkpoints, None, seed=0)
-    export_hair_bundle(hair, provenance, root / "hair", log=lambda _: None)
     served = tmp_path_factory.mktemp("served")
     with (
         MlflowServer(root=root / "mlflow") as mlflow_server,
         TritonServer(repository=served, model_control="explicit", extra_args=RESTRICTED) as triton,
     ):
         client = registry.connect(mlflow_server.url)
-        for name, bundle in (("tryon", tryon_bundle[0]), ("hair", root / "hair")):
+        for name, bundle in (("tryon", tryon_bundle[0]), ("hair", hair_bundle[0])):
             version = registry.register_bundle(client, bundle, log=lambda _: None)
             registry.promote(client, name, version.version)
             sync_once(
@@ -102,7 +96,7 @@ def running_web(log: Path, *options: str) -> Iterator[str]:
             return process.poll() is not None
 
     try:
-        assert wait_until(up, 90) and process.poll() is None, log.read_text()
+        assert wait_until(up, 180) and process.poll() is None, log.read_text()  # slow imports on a busy host
         yield url
     finally:
         process.terminate()
@@ -184,8 +178,9 @@ def test_config_lists_the_catalogue_and_status_names_the_synced_versions(web, sa
     for ensemble in by_name.values():
         assert ensemble["ready"] and ensemble["triton_version"] == 1
         assert ensemble["registered_version"] == ensemble["production_version"] == "1"
-    # the try-on bundle has random weights; the hair one was exported from (small) checkpoints
-    assert by_name["tryon"]["random_init"] is True and by_name["hair_edit"]["random_init"] is False
+    # both bundles have random weights (the hair one with a parser that finds hair)
+    assert all(ensemble["random_init"] is True for ensemble in by_name.values())
+    assert by_name["hair_transfer"]["registered_model"] == by_name["hair_edit"]["registered_model"] == "hair"
     thumbnail = httpx.get(f"{web}/api/catalogue/person/{config['persons'][0]}")
     assert thumbnail.headers["content-type"] == "image/jpeg"
     assert Image.open(io.BytesIO(thumbnail.content)).size[1] <= web_app.THUMBNAIL_HEIGHT
@@ -227,27 +222,54 @@ def test_garment_photo_becomes_a_cloth_image_and_mask():
     ).all()
 
 
-def test_hair_transfer_and_edit_equal_triton(web, stack):
-    names = list(sample_portraits(HAIR_SIZE))
+def test_hair_transfer_takes_face_hairstyle_and_colour_from_their_fields(web, stack):
+    """Samples and uploads (three files) give what Triton gives for the same face, shape reference and
+    colour reference; without a colour photo the hairstyle's colour is used,
+    and the colour photo changes the result."""
+    face, shape, color = SAMPLE_NAMES
     samples = sample_portraits(HAIR_SIZE)
-    form = {"portrait_sample": (None, names[0]), "reference_sample": (None, names[1])}
-    transfer = decode(httpx.post(f"{web}/api/hair/transfer", files=form))
-    expected = direct(
-        stack[0],
-        "hair_transfer",
-        {"portrait": samples[names[0]], "reference": samples[names[1]]},
-        "hair_image",
-    )
-    np.testing.assert_array_equal(transfer, expected)
-    assert not np.array_equal(transfer, samples[names[0]])  # the small parser finds hair: something moved
 
-    big = np.asarray(Image.fromarray(samples[names[2]]).resize((256, 256)))  # any square size is scaled
+    def transfer(files: dict) -> np.ndarray:
+        return decode(httpx.post(f"{web}/api/hair/transfer", files=files, timeout=120))
+
+    def served(face: np.ndarray, shape: np.ndarray, color: np.ndarray) -> np.ndarray:
+        inputs = {"face": face, "shape_reference": shape, "color_reference": color}
+        return direct(stack[0], "hair_transfer", inputs, "hair_image")
+
+    picked = {"face_sample": (None, face), "shape_sample": (None, shape)}
+    coloured = transfer(picked | {"color_sample": (None, color)})
+    np.testing.assert_array_equal(coloured, served(samples[face], samples[shape], samples[color]))
+    plain = transfer(picked)
+    np.testing.assert_array_equal(plain, served(samples[face], samples[shape], samples[shape]))
+    assert not np.array_equal(coloured, plain)  # the colour photo is used
+    assert not np.array_equal(plain, samples[face])  # the small parser finds hair: something moved
+
+    # Uploads: dlib sees a face in the long_blond drawing (its aligned crop is sent), none in the others
+    # (square: scaled from 320 to the served size).
+    photos = sample_portraits(320)
+    uploaded = transfer(
+        {
+            "face": ("me.png", png_bytes(photos["bangs_red"]), "image/png"),
+            "shape": ("style.png", png_bytes(photos["short_black"]), "image/png"),
+            "color": ("colour.jpg", png_bytes(photos["long_blond"]), "image/png"),
+        }
+    )
+    scaled = {
+        name: np.asarray(Image.fromarray(photos[name]).resize((HAIR_SIZE, HAIR_SIZE), Image.LANCZOS))
+        for name in ("bangs_red", "short_black")
+    }
+    aligned = FaceAligner().align(photos["long_blond"], HAIR_SIZE, "colour photo").crop
+    np.testing.assert_array_equal(uploaded, served(scaled["bangs_red"], scaled["short_black"], aligned))
+
+
+def test_hair_edit_equals_triton(web, stack):
+    big = sample_portraits(320)[SAMPLE_NAMES[2]]  # any square size is scaled
     form = {
         "portrait": ("me.png", png_bytes(big), "image/png"),
         "direction": (None, "sample"),
         "strength": (None, "2.5"),
     }
-    edited = decode(httpx.post(f"{web}/api/hair/edit", files=form))
+    edited = decode(httpx.post(f"{web}/api/hair/edit", files=form, timeout=120))
     n_latent, style_dim = HAIR_CONFIG.n_latent, HAIR_CONFIG.style_dim
     inputs = {
         "portrait": np.asarray(Image.fromarray(big).resize((HAIR_SIZE, HAIR_SIZE), Image.LANCZOS)),
@@ -280,11 +302,27 @@ BAD_REQUESTS = {
     "not an image": (
         "/api/hair/transfer",
         {
-            "portrait": ("me.png", b"this is a text file, not a photo", "image/png"),
-            "reference_sample": (None, "long_blond"),
+            "face": ("me.png", b"this is a text file, not a photo", "image/png"),
+            "shape_sample": (None, "long_blond"),
         },
         415,
         "is not a JPEG, PNG or WebP image",
+    ),
+    "no hairstyle": (
+        "/api/hair/transfer",
+        {"face_sample": (None, "long_blond"), "color_sample": (None, "bangs_red")},
+        400,
+        "Upload a hairstyle photo or pick a sample",
+    ),
+    "unknown colour sample": (
+        "/api/hair/transfer",
+        {
+            "face_sample": (None, "long_blond"),
+            "shape_sample": (None, "bangs_red"),
+            "color_sample": (None, "../blue"),
+        },
+        400,
+        "No sample portrait named '../blue'",
     ),
     "decompression bomb": (
         "/api/tryon",
@@ -373,10 +411,10 @@ def test_the_status_comes_from_triton_alone(stack, samples_dir):
             "1",
         )
         assert ensemble["production_version"] is None
-    assert [by_name[name]["random_init"] for name in ("tryon", "hair_transfer", "hair_edit")] == [
-        True, False, False,
+    assert [by_name[name]["random_init"] for name in ("tryon", "hair_transfer", "hair_edit")] == [True] * 3
+    assert [by_name[name]["registered_model"] for name in ("tryon", "hair_transfer", "hair_edit")] == [
+        "tryon", "hair", "hair",
     ]  # fmt: skip
-    assert by_name["hair_edit"]["registered_model"] == "hair"
 
 
 def test_server_down_is_a_readable_message(samples_dir):
@@ -385,7 +423,7 @@ def test_server_down_is_a_readable_message(samples_dir):
     async def scenario():
         async with asgi_client(Settings(triton_url=f"127.0.0.1:{port}", dataroot=samples_dir)) as client:
             status = (await client.get("/api/status")).json()
-            form = {"portrait_sample": (None, "long_blond"), "reference_sample": (None, "bangs_red")}
+            form = {"face_sample": (None, "long_blond"), "shape_sample": (None, "bangs_red")}
             return status, await client.post("/api/hair/transfer", files=form)
 
     status, response = asyncio.run(scenario())
@@ -413,8 +451,8 @@ def test_uploads_never_touch_the_disk_or_the_log(stack, samples_dir, caplog):
     upload = png_bytes(portrait)
     assert len(upload) > 4 * 2**20
     form = {
-        "portrait": ("private-name-4711.png", upload, "image/png"),
-        "reference_sample": (None, "short_black"),
+        "face": ("private-name-4711.png", upload, "image/png"),
+        "shape_sample": (None, "short_black"),
     }
 
     async def scenario():
@@ -544,28 +582,69 @@ def test_tryon_page(browser, web, tmp_path):
     assert not result_shown("tryon")(browser)
 
 
-def test_hair_page(browser, web, tmp_path):
+def shown_result(driver, section: str) -> np.ndarray:
+    """The pixels of the result image the page shows (drawn onto a canvas: a blob: image is same-origin)."""
+    url = driver.execute_script(
+        f"const img = document.querySelector('#{section} img.result');"
+        "const canvas = document.createElement('canvas');"
+        "canvas.width = img.naturalWidth; canvas.height = img.naturalHeight;"
+        "canvas.getContext('2d').drawImage(img, 0, 0);"
+        "return canvas.toDataURL('image/png');"
+    )
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))).convert("RGB"))
+
+
+def test_hair_page(browser, web, stack, tmp_path):
+    """Face, hairstyle and colour picked or uploaded on the page: the result shown is what Triton gives
+    for those three images (so a field the page drops or mixes up fails it)."""
     from selenium.webdriver.common.by import By
 
+    def choices(field: str) -> list:
+        return browser.find_elements(By.CSS_SELECTOR, f'#hair .samples[data-field="{field}"] .choice')
+
+    def preview_shown(field: str) -> bool:
+        return browser.find_element(By.CSS_SELECTOR, f'#hair img[data-preview="{field}"]').is_displayed()
+
+    def transfer_shown() -> np.ndarray:
+        browser.find_element(By.CSS_SELECTOR, "#hair button[type=submit]").click()
+        wait_for(browser, result_shown("hair"), timeout=120)
+        assert error_text(browser, "hair") == ""
+        return shown_result(browser, "hair")
+
+    def served(face: np.ndarray, shape: np.ndarray, color: np.ndarray) -> np.ndarray:
+        inputs = {"face": face, "shape_reference": shape, "color_reference": color}
+        return direct(stack[0], "hair_transfer", inputs, "hair_image")
+
+    def upload(field: str, image: np.ndarray) -> np.ndarray:
+        """Upload a 200x200 drawing (no face dlib sees: taken as a crop and scaled); the crop served."""
+        path = tmp_path / f"{field}.png"
+        Image.fromarray(image).save(path)
+        browser.find_element(By.CSS_SELECTOR, f'#hair input[name="{field}"]').send_keys(str(path))
+        return np.asarray(Image.fromarray(image).resize((HAIR_SIZE, HAIR_SIZE), Image.LANCZOS))
+
+    samples, small = sample_portraits(HAIR_SIZE), sample_portraits(200)
     browser.get(f"{web}/hair")
-    wait_for(
-        browser,
-        lambda d: (
-            len(d.find_elements(By.CSS_SELECTOR, '#hair .samples[data-field="reference"] .choice')) == 3
-        ),
-    )
-    browser.find_elements(By.CSS_SELECTOR, '#hair .samples[data-field="reference"] .choice')[2].click()
-    browser.find_element(By.CSS_SELECTOR, "#hair button[type=submit]").click()
-    wait_for(browser, result_shown("hair"))
+    wait_for(browser, lambda d: [len(choices(f)) for f in ("face", "shape", "color")] == [3, 3, 4])
+    # the colour starts on "Same as the hairstyle's" (no photo shown); then a sample of its own
+    assert choices("color")[0].text == "Same as the hairstyle's" and not preview_shown("color")
+    face, shape, color = SAMPLE_NAMES[0], SAMPLE_NAMES[2], SAMPLE_NAMES[1]
+    choices("shape")[2].click()
+    choices("color")[2].click()
+    assert preview_shown("color")
+    result = transfer_shown()
+    np.testing.assert_array_equal(result, served(samples[face], samples[shape], samples[color]))
+    assert not np.array_equal(result, served(samples[face], samples[shape], samples[shape]))
     wait_for(browser, lambda d: "hairstyle: hair v1" in d.find_element(By.ID, "status").text)
     screenshot(browser, "hair")
 
-    portrait = tmp_path / "me.png"
-    Image.fromarray(sample_portraits(200)["bangs_red"]).save(portrait)
-    browser.find_element(By.CSS_SELECTOR, '#hair input[name="portrait"]').send_keys(str(portrait))
-    browser.find_element(By.CSS_SELECTOR, "#hair button[type=submit]").click()
-    wait_for(browser, result_shown("hair"))
-    assert error_text(browser, "hair") == ""
+    my_face = upload("face", small["bangs_red"])
+    choices("color")[0].click()  # back to the hairstyle's colour
+    assert not preview_shown("color")
+    np.testing.assert_array_equal(transfer_shown(), served(my_face, samples[shape], samples[shape]))
+
+    colour = upload("color", small["short_black"])
+    assert [c.get_attribute("aria-pressed") for c in choices("color")] == ["false"] * 4
+    np.testing.assert_array_equal(transfer_shown(), served(my_face, samples[shape], colour))
 
 
 def test_edit_page(browser, web):

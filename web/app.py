@@ -326,10 +326,16 @@ def create_app(settings: Settings) -> FastAPI:
                 )
         return models.infer(client, inputs, "tryon_image")
 
-    async def _portrait(form, field: str, what: str) -> tuple[bytes | None, str]:
+    async def _portrait(
+        form, field: str, what: str, optional: bool = False
+    ) -> tuple[bytes | None, str] | None:
+        """The uploaded photo of `field` or the name of the sample picked for it (`<field>_sample`);
+        None when an `optional` field has neither."""
         data = await file_bytes(form, field)
         sample = str(form.get(f"{field}_sample") or "")
         if data is None and not sample:
+            if optional:
+                return None
             raise UploadError(f"Upload a {what} or pick a sample.")
         if data is None and sample not in SAMPLE_NAMES:
             raise UploadError(f"No sample portrait named {sample!r}.")
@@ -342,18 +348,19 @@ def create_app(settings: Settings) -> FastAPI:
 
     @app.post("/api/hair/transfer")
     async def hair_transfer(request: Request) -> Response:
+        """A face, a hairstyle (shape) photo and an optional hair colour photo (default: the hairstyle's)."""
         form = await read_form(request, limits)
-        portrait = await _portrait(form, "portrait", "photo of yourself")
-        reference = await _portrait(form, "reference", "hairstyle reference")
+        face = await _portrait(form, "face", "photo of yourself")
+        shape = await _portrait(form, "shape", "hairstyle photo")
+        color = await _portrait(form, "color", "hair colour photo", optional=True)
 
         def run() -> np.ndarray:
             client = models.client("hair_transfer", "hairstyle transfer")
-            size = next(spec.shape[0] for spec in client.inputs if spec.name == "portrait")
-            mine = _square(*portrait, "photo", size)
-            inputs = {
-                "portrait": mine.crop,
-                "reference": _square(*reference, "hairstyle reference", size).crop,
-            }
+            size = next(spec.shape[0] for spec in client.inputs if spec.name == "face")
+            mine = _square(*face, "photo", size)
+            hairstyle = _square(*shape, "hairstyle photo", size)
+            colour = hairstyle if color is None else _square(*color, "hair colour photo", size)
+            inputs = {"face": mine.crop, "shape_reference": hairstyle.crop, "color_reference": colour.crop}
             return mine.result(models.infer(client, inputs, "hair_image"))
 
         return png_response(await _timed("hair_transfer", run_in_threadpool(run)))

@@ -16,7 +16,7 @@ from starlette.requests import Request
 # with extra frames (MPO) open through the JPEG plugin.
 ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP")
 Image.init()  # registers every plugin: WebP is not among the few Pillow loads first
-MAX_FILES = 2  # a portrait and a hairstyle reference
+MAX_FILES = 3  # a face, a hairstyle (shape) reference and a hair colour reference
 MAX_FIELDS = 8
 
 

@@ -1,12 +1,25 @@
-"""FP16 and INT8 Q/DQ variants of the hair networks (encoder, generator, parser), gated on the images users
-get: the final `hair_image` of both ensembles, variant against fp32, on drawn portraits.
+"""FP16 and INT8 Q/DQ variants of the HairFastGAN networks, gated on the images users get: the final
+`hair_image` of both ensembles (hair_transfer's last synthesis, hair_edit's composite), variant against
+fp32, on drawn portraits (samples alternate the two ensembles).
 
 The variants are built by the shared machinery (`fashionserve.quantization`: onnxconverter float16, ONNX
 Runtime static int8 Q/DQ, layers kept in fp32 by measured sensitivity until the calibration images reach
-the thresholds), one network at a time with the others in fp32; the gate then runs the whole pipeline
-with all three variant networks. The manifest gets the usual `variants` record, so `--variant` rendering,
-the plan builder and the registry's quality gate treat them like the try-on ones; a failed variant is
-recorded and never served unless forced.
+the thresholds), one network at a time with the others in fp32; the gate then runs both ensembles with all
+the variant networks. The manifest gets the usual `variants` record, so `--variant` rendering, the plan
+builder and the registry's quality gate treat them like the try-on ones; a failed variant is recorded and
+never served unless forced.
+
+Which networks (`NETWORKS`): exactly the stages the gpu target serves as TensorRT plans (their tracked
+configs' platform, `fashionserve.plans.plan_networks`), where the convolutions, attention and modulated
+convolutions are: e4e, the FS encoder, the parser (and its pass over generated images), the four StyleGAN2
+synthesis stages, the shape adaptor, SEAN inpainting, the CLIP colour blend and the post-process. The
+light steps (resizing, label maps, masks, mixing, the rotate MLP, the edit offset, the composite) stay
+ONNX Runtime fp32 on every target, so a variant of them would never be served. What a network's variant
+costs is dominated by the run of both ensembles that judges it, not by the network: on the tiny test
+bundle (256 px, 2 calibration + 2 evaluation portraits, the shared 2-core machine under load) building and
+judging one network's variant took 6-20 s, the whole list with both variants about 5.5 minutes
+(docs/quantization.md, "Hair"); the tests therefore quantize three of them (`HairQuantizeOptions.networks`)
+and check that the full list is the plan list.
 """
 
 import shutil
@@ -36,8 +49,13 @@ from fashionserve.quantization import (
     image_quality,
     open_session,
 )
+from fashionserve.repository import TRACKED_REPOSITORY, read_config
 
-NETWORKS = ("hair_encoder", "hair_generator", "hair_parser")  # served as TensorRT plans on the gpu target
+NETWORKS = (
+    "hair_encoder", "hair_fs_encoder", "hair_parser", "hair_w_features", "hair_generator",
+    "hair_generated_labels", "hair_shape_target", "hair_inpaint", "hair_color_blend", "hair_blend_synthesis",
+    "hair_post_process", "hair_final_synthesis",
+)  # fmt: skip
 CALIBRATION_SEED, EVALUATION_SEED = 1000, 2000
 
 Sample = tuple[str, tuple[Tensor, ...]]  # (ensemble, its client inputs at batch 1)
@@ -52,6 +70,7 @@ class HairQuantizeOptions:
         default_factory=lambda: {variant: default_thresholds(variant) for variant in VARIANTS}
     )
     max_excluded_fraction: float = DEFAULT_MAX_EXCLUDED_FRACTION
+    networks: tuple[str, ...] = NETWORKS
 
 
 def config_from_manifest(manifest: dict) -> HairConfig:
@@ -71,7 +90,7 @@ class _OnnxStage:
         return tuple(torch.from_numpy(output) for output in run_onnx(self.session, args))
 
 
-def _samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
+def portrait_samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
     """Drawn portraits, alternately through hair_transfer and hair_edit."""
     return [
         (TRANSFER, transfer_inputs(config, 1, seed + i))
@@ -81,18 +100,61 @@ def _samples(config: HairConfig, count: int, seed: int) -> list[Sample]:
     ]
 
 
+def final_stage(ensemble: str, output: str = "hair_image") -> str:
+    """The stage whose step gives the tracked `ensemble` its `output` (hair_transfer: the last synthesis;
+    hair_edit: the composite)."""
+    config = read_config(TRACKED_REPOSITORY / ensemble / "config.pbtxt")
+    (stage,) = [s.model_name for s in config.ensemble_scheduling.step if output in s.output_map.values()]
+    return stage
+
+
+FINAL_STAGES = {ensemble: final_stage(ensemble) for ensemble in (TRANSFER, EDIT)}
+
+
 def _runs(stages: dict, samples: list[Sample]) -> list[dict]:
     return [record_stage_runs(ensemble, STAGES, stages, inputs) for ensemble, inputs in samples]
 
 
-def _images(runs: list[dict]) -> list[np.ndarray]:
-    return [run["hair_composite"][1][0][0].numpy() for run in runs]
+def final_images(samples: list[Sample], runs: list[dict]) -> list[np.ndarray]:
+    """The `hair_image` each sample's ensemble returns (batch 1: its only image)."""
+    return [
+        run[FINAL_STAGES[ensemble]][1][0][0].numpy() for (ensemble, _), run in zip(samples, runs, strict=True)
+    ]
+
+
+def pipeline_images(stages: dict, samples: list[Sample]) -> list[np.ndarray]:
+    """Run each sample through its ensemble's stages; its final image."""
+    return final_images(samples, _runs(stages, samples))
+
+
+def onnx_stages(bundle_dir: Path, manifest: dict, files: dict[str, Path] | None = None) -> dict:
+    """Every stage of the bundle as ONNX Runtime sessions: fp32, or the given file where `files` names
+    one (a variant)."""
+    files = files or {}
+    return {
+        name: _OnnxStage(open_session(files.get(name, bundle_dir / model["file"])))
+        for name, model in manifest["models"].items()
+    }
+
+
+def gate(
+    bundle_dir: Path,
+    manifest: dict,
+    files: dict[str, Path],
+    samples: list[Sample],
+    references: list[np.ndarray],
+    thresholds: Thresholds,
+) -> tuple[dict, list[str]]:
+    """The quality gate: every sample's final image with the variant `files` swapped in for their fp32
+    networks, against its fp32 image (`references`); (quality, why it fails: empty when it passes)."""
+    quality = image_quality(references, pipeline_images(onnx_stages(bundle_dir, manifest, files), samples))
+    return quality, thresholds.failures(quality)
 
 
 def quantize_hair_bundle(
     bundle_dir: Path, options: HairQuantizeOptions, log: Callable[[str], None] = print
 ) -> dict:
-    """Build, gate and commit every requested variant of the three networks; returns the new manifest.
+    """Build, gate and commit every requested variant of the networks; returns the new manifest.
     Failed variants are recorded, not raised."""
     manifest = read_manifest(bundle_dir)
     if manifest.get("pipeline") != PIPELINE:
@@ -100,15 +162,18 @@ def quantize_hair_bundle(
     unknown = [v for v in options.variants if v not in VARIANTS]
     if unknown:
         raise QuantizationError(f"unknown variant {unknown[0]!r}; choose from {', '.join(VARIANTS)}")
+    missing = [n for n in options.networks if n not in manifest["models"]]
+    if missing:
+        raise QuantizationError(f"{bundle_dir} has no network {missing[0]!r} (exported before HairFastGAN?)")
     config = config_from_manifest(manifest)
-    fp32 = {name: _OnnxStage(open_session(bundle_dir / m["file"])) for name, m in manifest["models"].items()}
-    calibration = _samples(config, options.calibration_samples, CALIBRATION_SEED)
-    evaluation = _samples(config, options.eval_samples, EVALUATION_SEED)
+    fp32 = onnx_stages(bundle_dir, manifest)
+    calibration = portrait_samples(config, options.calibration_samples, CALIBRATION_SEED)
+    evaluation = portrait_samples(config, options.eval_samples, EVALUATION_SEED)
     weights = " [random-init weights: the images are noise]" if manifest.get("random_init") else ""
     log(f"fp32 images of {len(calibration)} calibration and {len(evaluation)} evaluation portraits{weights}")
     calibration_runs = _runs(fp32, calibration)
-    calibration_images = _images(calibration_runs)
-    evaluation_images = _images(_runs(fp32, evaluation))
+    calibration_images = final_images(calibration, calibration_runs)
+    evaluation_images = pipeline_images(fp32, evaluation)
     inputs = {stage.name: stage.inputs for stage in STAGES}
 
     work_dir = bundle_dir / ".quantize.partial"  # same file system as the bundle: files move by rename
@@ -119,16 +184,17 @@ def quantize_hair_bundle(
         for variant in options.variants:
             thresholds = options.thresholds[variant]
             built = {}
-            for network in NETWORKS:
+            for network in options.networks:
                 log(f"[{variant}] {network}")
-                feeds = [
+                feeds = [  # the network's inputs in every calibration run that uses it
                     {name: arg.numpy() for name, arg in zip(inputs[network], run[network][0], strict=True)}
                     for run in calibration_runs
+                    if network in run
                 ]
 
                 def quality_of(session: ort.InferenceSession, network: str = network) -> dict:
                     stages = {**fp32, network: _OnnxStage(session)}
-                    return image_quality(calibration_images, _images(_runs(stages, calibration)))
+                    return image_quality(calibration_images, pipeline_images(stages, calibration))
 
                 built[network] = build_network_variant(
                     network,
@@ -141,9 +207,10 @@ def quantize_hair_bundle(
                     work_dir,
                     log,
                 )
-            stages = {**fp32, **{n: _OnnxStage(open_session(b.path)) for n, b in built.items()}}
-            quality = image_quality(evaluation_images, _images(_runs(stages, evaluation)))
-            failures = thresholds.failures(quality)
+            variant_files = {n: b.path for n, b in built.items()}
+            quality, failures = gate(
+                bundle_dir, manifest, variant_files, evaluation, evaluation_images, thresholds
+            )
             log(f"[{variant}] gate {'FAIL: ' + '; '.join(failures) if failures else 'PASS'}")
             records[variant] = {
                 "passed": not failures,

@@ -130,45 +130,70 @@ function setupTryon(section) {
   });
 }
 
-// A portrait (or reference) field of the hair pages: a drawn sample, or an uploaded photo.
-function portraitField(section, field, pressed) {
-  const container = section.querySelector(`.samples[data-field="${field}"]`);
-  const upload = section.querySelector(`input[type="file"][name="${field}"]`);
+// A photo field of the hair pages, built into its <fieldset data-photo="FIELD"> from the photo-field
+// template: a drawn sample (sent as FIELD_sample) or an uploaded photo (sent as FIELD). A fieldset with
+// data-same starts on a "Same as ..." choice that sends nothing: the server then uses another photo.
+function photoField(section, field, pressed) {
+  const fieldset = section.querySelector(`fieldset[data-photo="${field}"]`);
+  fieldset.append(document.getElementById("photo-field").content.cloneNode(true));
+  fieldset.querySelector("legend").textContent = fieldset.dataset.legend;
+  fieldset.querySelector(".upload span").textContent = fieldset.dataset.upload;
+  const container = fieldset.querySelector(".samples");
+  container.dataset.field = field;
+  const upload = fieldset.querySelector('input[type="file"]');
+  upload.name = field;
   const view = section.querySelector(`img[data-preview="${field}"]`);
+  const show = (src) => {
+    view.closest("figure").hidden = !src;
+    if (src) view.src = src;
+  };
   const sample = (name) => `/api/hair/samples/${encodeURIComponent(name)}`;
-  choices(container, config.hair_samples, sample, pressed, (_, src) => {
+  const same = fieldset.dataset.same;
+  choices(container, config.hair_samples, sample, same ? -1 : pressed, (_, src) => {
     upload.value = "";
-    view.src = src;
+    show(src);
   });
-  view.src = sample(config.hair_samples[pressed]);
+  if (same) {
+    const button = element("button", {
+      type: "button", class: "choice same", "data-name": "", "aria-pressed": "true",
+    }, [`Same as ${same}`]);
+    button.addEventListener("click", () => {
+      select(container, "");
+      upload.value = "";
+      show("");
+    });
+    container.prepend(button);
+    show("");
+  } else {
+    show(sample(config.hair_samples[pressed]));
+  }
   upload.addEventListener("change", () => {
     const file = upload.files[0];
     if (!file) return;
-    select(container, "");
-    view.src = URL.createObjectURL(file);
+    select(container, null);
+    show(URL.createObjectURL(file));
     showError(section, tooBig(file));
   });
   return (data) => {
     const file = upload.files[0];
+    const name = picked(container);
     if (file) data.append(field, file);
-    else data.append(`${field}_sample`, picked(container));
+    else if (name) data.append(`${field}_sample`, name);
   };
 }
 
 function setupHair(section) {
-  const portrait = portraitField(section, "portrait", 0);
-  const reference = portraitField(section, "reference", 1);
+  const fields = [photoField(section, "face", 0), photoField(section, "shape", 1), photoField(section, "color", 2)];
   section.querySelector("form").addEventListener("submit", (event) => {
     event.preventDefault();
     const data = new FormData();
-    portrait(data);
-    reference(data);
+    fields.forEach((append) => append(data));
     submit(section, "/api/hair/transfer", data, "Transferring the hairstyle");
   });
 }
 
 function setupEdit(section) {
-  const portrait = portraitField(section, "portrait", 0);
+  const portrait = photoField(section, "portrait", 0);
   const direction = section.querySelector("#direction");
   const strength = section.querySelector("#strength");
   const value = section.querySelector("#strength-value");

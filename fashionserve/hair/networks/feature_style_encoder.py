@@ -37,7 +37,8 @@ class FeatureStyleEncoder(IResNetStyleEncoder):
 
     forward: image [N, 3, 1024, 1024] in [-1, 1] -> (S [N, n_styles, style_dim] with the average latent
     added, content [N, content_channels, 16, 16]). Any size divisible by 64 works (tests run smaller).
-    Knobs for tiny tests: `width` (64), `units` (iresnet50), `content_channels` (512), `style_dim` (512).
+    Knobs for tiny tests: `width` (64), `units` (iresnet50), `content_channels` (512), `style_dim` (512),
+    `input_halvings` (2; smaller portraits need fewer to reach the encoder's 256 px).
     """
 
     def __init__(
@@ -47,10 +48,12 @@ class FeatureStyleEncoder(IResNetStyleEncoder):
         content_channels: int = 512,
         width: int = 64,
         units: tuple[int, int, int, int] = IRESNET50_UNITS,
+        input_halvings: int = INPUT_HALVINGS,
     ):
         super().__init__(
             content_head(4 * width, content_channels, CONTENT_STRIDE), n_styles, style_dim, width, units
         )
+        self.input_halvings = input_halvings  # the trainer's log2(resolution / 256); 0 for 256 px portraits
         self.register_buffer("latent_avg", torch.zeros(n_styles, style_dim), persistent=False)
 
     def set_latent_avg(self, latent_avg: Tensor) -> None:
@@ -59,7 +62,7 @@ class FeatureStyleEncoder(IResNetStyleEncoder):
 
     def forward(self, image: Tensor) -> tuple[Tensor, Tensor]:
         x = image
-        for _ in range(INPUT_HALVINGS):
+        for _ in range(self.input_halvings):
             # Exactly what the trainer's `downscale` does (a 2 x 2 mean per output pixel).
             x = F.interpolate(x, scale_factor=0.5, mode="bilinear")
         styles, stages = self.encode(x)

@@ -27,9 +27,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import remove_spectral_norm, spectral_norm
+from torch.nn.utils import spectral_norm
 
 from fashionserve.checkpoints import CheckpointError, load_strict, read_state_dict
+from fashionserve.onnx_export import converge_spectral_norms, fold_spectral_norms
 
 NUM_CLASSES = 19
 UPSAMPLINGS = 5  # 'normal': the label map enters at crop_size / 2**5
@@ -213,6 +214,7 @@ class SEANGenerator(nn.Module):
             block = SEANResBlock(fin * ngf, fout * ngf, label_nc, style_length, spade_hidden, use_rgb, noise)
             self.add_module(name, block)
         self.conv_img = nn.Conv2d(ngf, 3, kernel_size=3, padding=1)
+        converge_spectral_norms(self)
 
     def encode_styles(self, image: Tensor, segmentation: Tensor) -> Tensor:
         return self.Zencoder(image, segmentation)
@@ -228,11 +230,8 @@ class SEANGenerator(nn.Module):
         return torch.tanh(self.conv_img(F.leaky_relu(x, LEAKY_SLOPE)))
 
     def fold_spectral_norm(self) -> None:
-        """Replace each spectral-normed conv's weight_orig/u/v by the eval-mode weight
-        weight_orig / (u . W v) (in place, idempotent): a plain conv for export."""
-        for module in self.modules():
-            if hasattr(module, "weight_orig"):
-                remove_spectral_norm(module)
+        """Plain eval-mode convolutions instead of the spectral-normed ones (in place, idempotent)."""
+        fold_spectral_norms(self)
 
 
 class SEANInpainter(nn.Module):

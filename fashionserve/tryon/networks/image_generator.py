@@ -8,11 +8,12 @@ normalisation built on a parameter-free InstanceNorm.
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.utils import remove_spectral_norm, spectral_norm
+from torch.nn.utils import spectral_norm
+
+from fashionserve.onnx_export import converge_spectral_norms, fold_spectral_norms
 
 UPSAMPLING_LAYERS = {"normal": 5, "more": 6, "most": 7}
 FEATURE_CHANNELS = 16  # width of the per-resolution input features conv_1..conv_7
-CONVERGE_ITERATIONS = 20  # power iterations run on freshly initialised spectral-norm vectors
 
 
 class SPADENorm(nn.Module):
@@ -131,26 +132,11 @@ class ImageGenerator(nn.Module):
         for upsample in self._upsample_before:
             size = (size[0] * 2, size[1] * 2) if upsample else size
             self._block_sizes.append(size)
-        self._converge_spectral_norms()
-
-    @torch.no_grad()
-    def _converge_spectral_norms(self) -> None:
-        """Run power iterations on the randomly initialised u/v: with random vectors the eval-mode
-        sigma = u . (W v) can be close to 0 and blow the weights up. A loaded checkpoint overwrites u/v."""
-        for module in self.modules():
-            if hasattr(module, "weight_orig"):
-                matrix = module.weight_orig.flatten(1)
-                for _ in range(CONVERGE_ITERATIONS):
-                    module.weight_v.copy_(F.normalize(matrix.t() @ module.weight_u, dim=0, eps=1e-12))
-                    module.weight_u.copy_(F.normalize(matrix @ module.weight_v, dim=0, eps=1e-12))
+        converge_spectral_norms(self)
 
     def fold_spectral_norm(self) -> None:
-        """Replace each spectral-normed conv's weight_orig/u/v by the plain eval-mode weight
-        (in place, idempotent)."""
-        for module in self.modules():
-            if hasattr(module, "weight_orig"):
-                # Computes weight_orig / (u . W v) without a power iteration, i.e. the eval-mode weight.
-                remove_spectral_norm(module)
+        """Plain eval-mode convolutions instead of the spectral-normed ones (in place, idempotent)."""
+        fold_spectral_norms(self)
 
     def forward(self, x: Tensor, segmentation: Tensor) -> Tensor:
         """x: N x input_channels x H' x W', segmentation: N x label_channels x H' x W' (any size; both are
