@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from tests import hairfast_blend_reference
 from tests.hairfast_reference import generator_forward
 
 MIXING = 0.95  # hair_swap.py --mixing
@@ -91,27 +92,14 @@ class BicubicDownSample:
         return F.conv2d(input=x, weight=self.k2, stride=(1, stride), groups=3)
 
 
-class DilateErosion:
-    def __init__(self, dilate_erosion: int = SMOOTH):
-        self.dilate_erosion = dilate_erosion
-        self.weight = torch.Tensor([[False, True, False], [True, True, True], [False, True, False]]).float()[
-            None, None, ...
-        ]
+class DilateErosion(hairfast_blend_reference.DilateErosion):
+    """utils/image_utils.py's DilateErosion (mask() re-typed in tests/hairfast_blend_reference.py), with
+    hair_from_mask as upstream: the label map resized to 256 x 256."""
 
     def hair_from_mask(self, mask: Tensor) -> tuple[Tensor, Tensor]:
         mask = torch.where(mask == 13, torch.ones_like(mask), torch.zeros_like(mask))
         mask = F.interpolate(mask.float(), size=(256, 256), mode="nearest")
         return self.mask(mask)
-
-    def mask(self, mask: Tensor) -> tuple[Tensor, Tensor]:
-        masks = mask.clone().repeat(*([2] + [1] * (len(mask.shape) - 1))).float()
-        sum_w = self.weight.sum().item()
-        n = len(mask)
-        for _ in range(self.dilate_erosion):
-            masks = F.conv2d(masks, self.weight, bias=None, stride=1, padding="same", dilation=1, groups=1)
-            masks[:n] = (masks[:n] > 0).float()
-            masks[n:] = (masks[n:] == sum_w).float()
-        return masks[:n], masks[n:]
 
 
 def equal_replacer(images: list[Tensor]) -> list[Tensor]:
