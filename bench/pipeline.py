@@ -373,16 +373,19 @@ def _triton_runner(spec: dict) -> tuple[Callable[[Batch], np.ndarray], dict, Sta
 
 
 def _model_compute(http_url: str) -> dict[str, tuple[int, int]]:
-    """Triton's statistics: model -> (compute input + infer + output nanoseconds, executions)."""
+    """Triton's statistics: model -> (compute input + infer + output nanoseconds of its executions,
+    requests). The time comes from the per-execution batch statistics: Triton may run several steps'
+    requests to one model as one batched execution, and its per-request statistics would charge that
+    execution to each of them."""
     with urllib.request.urlopen(f"http://{http_url}/v2/models/stats", timeout=30) as response:
         stats = json.load(response)["model_stats"]
+    phases = ("compute_input", "compute_infer", "compute_output")
     totals: dict[str, tuple[int, int]] = {}
     for model in stats:
-        inference = model["inference_stats"]
-        ns = sum(int(inference[k]["ns"]) for k in ("compute_input", "compute_infer", "compute_output"))
-        executions = int(model.get("execution_count", 0))
+        ns = sum(int(batch[k]["ns"]) for batch in model.get("batch_stats", []) for k in phases)
+        requests = int(model["inference_stats"]["success"]["count"])
         ns_sum, count = totals.get(model["name"], (0, 0))  # several versions: summed
-        totals[model["name"]] = (ns_sum + ns, count + executions)
+        totals[model["name"]] = (ns_sum + ns, count + requests)
     return totals
 
 

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import remove_spectral_norm
+from torch.nn.utils.spectral_norm import SpectralNormLoadStateDictPreHook
 
 OPSET = 18
 
@@ -65,6 +66,11 @@ def fold_spectral_norms(module: nn.Module) -> None:
         if hasattr(layer, "weight_orig"):
             # weight_orig / (u . W v) without a power iteration, i.e. the eval-mode weight.
             remove_spectral_norm(layer)
+            # torch wraps the load-state-dict hook, so remove_spectral_norm's type test misses it and
+            # the hook stays: it would then demand weight_orig when a folded state dict is loaded.
+            for key, hook in list(layer._load_state_dict_pre_hooks.items()):
+                if isinstance(getattr(hook, "hook", hook), SpectralNormLoadStateDictPreHook):
+                    del layer._load_state_dict_pre_hooks[key]
 
 
 def export_onnx(

@@ -263,6 +263,9 @@ def test_fold_spectral_norm_keeps_the_output():
         after = ours(segmentation, codes)
     assert not any(key.endswith("weight_orig") for key in ours.state_dict())
     torch.testing.assert_close(after, before, rtol=1e-5, atol=1e-6)
+    other = SEANGenerator(noise=False, **TINY_SEAN)
+    other.fold_spectral_norm()
+    other.load_state_dict(ours.state_dict())  # a folded state dict loads into a folded generator
 
 
 # --- SEAN mean style codes ------------------------------------------------------------------------------
